@@ -1,0 +1,372 @@
+"""HLIP's hierarchical vision transformer over all scans of a study.
+
+Input ``[B, N, 1, D, H, W]``: B studies of N scan slots, each scan a volume of D slices of H x W.
+Every block attends within one level of the study's hierarchy:
+
+- ``slice``: the patches of one slab of one scan (one row of the depth patch grid);
+- ``scan``: all patches of one scan;
+- ``study``: all patches of all valid scans of the study.
+
+Tokens are kept per valid scan as ``[V, S, T, C]`` (V valid scans in the batch, S slabs, T tokens
+a slab); a level is only a different view of that tensor, plus one cls token per partition. The cls
+token is copied into every partition when a partition splits and averaged over the partitions when
+they merge. Scan slots that the ``scan_mask`` marks as padding are never embedded: slice and scan
+blocks see only valid scans, study blocks mask padded positions out of attention, so a study's
+embedding does not depend on what it is batched with.
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.N.norm1``,
+``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1/fc2``, ``norm``) and the public
+HLIP code (``cls_token``, ``spatial_posemb``, ``sequential_posemb``), so released weights load by
+name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .pos_embed import resample_spatial, scan_index_rows, sincos_1d, sincos_3d
+
+LEVELS = ("slice", "scan", "study")
+_RANK = {"slice": 0, "scan": 1, "study": 2}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+    Set ``keep_attention = True`` to compute the probabilities explicitly and keep them (with their
+    gradient) in ``last_attention`` [P, heads, L, L]; saliency methods use this, training does not.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.keep_attention = False
+        self.last_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [P, L, C]; key_mask: [P, L] bool (True = attend) or None. Returns [P, L, C]."""
+        P, L, C = x.shape
+        qkv = self.qkv(x).reshape(P, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        if self.keep_attention:
+            logits = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            attn = logits.softmax(dim=-1)
+            if attn.requires_grad:
+                attn.retain_grad()
+            self.last_attention = attn
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(P, L, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch of whole sequences with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm layout) that runs at one hierarchy level."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, level: str, drop_path_rate: float = 0.0):
+        super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"unknown attention level {level!r}; expected one of {LEVELS}")
+        self.level = level
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), key_mask), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping 3D patches by a strided Conv3d: [V, 1, D, H, W] -> [V, d, h, w, C]."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 4, 1)
+
+
+@dataclass
+class _Layout:
+    """Where the valid scans of a batch sit: B studies of N slots, V valid scans of S x T tokens."""
+
+    batch: int
+    slots: int
+    slabs: int
+    tokens: int
+    scan_mask: torch.Tensor  # [B, N] bool
+    study_of_scan: torch.Tensor  # [V] index of the study each valid scan belongs to
+    scans_per_study: torch.Tensor  # [B] float
+    padded: bool  # some slot is padding
+
+    @property
+    def valid(self) -> int:
+        return self.study_of_scan.numel()
+
+
+class HierarchicalViT(nn.Module):
+    """The HLIP image trunk. ``forward`` returns the study feature [B, C] (final cls after LayerNorm).
+
+    levels: one of ``slice``/``scan``/``study`` per block (the schedule is configuration).
+    img_size: the (D, H, W) the position table is built for; other sizes are resampled.
+    max_scans: rows of the scan-index table; 1 means single-scan studies (no scan-index table).
+    patch_dropout: fraction of patch tokens dropped in training, the same count in every partition
+    of the finest level used by the schedule, so partitions still tile the study.
+    """
+
+    def __init__(
+        self,
+        img_size: tuple[int, int, int],
+        patch_size: tuple[int, int, int],
+        levels: list[str],
+        width: int = 768,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        max_scans: int = 40,
+        in_chans: int = 1,
+        drop_path_rate: float = 0.0,
+        patch_dropout: float = 0.0,
+    ):
+        super().__init__()
+        for i, (s, p) in enumerate(zip(img_size, patch_size)):
+            if s % p:
+                raise ValueError(f"img_size {tuple(img_size)} is not divisible by patch_size {tuple(patch_size)} (axis {i})")
+        self.img_size = tuple(img_size)
+        self.patch_size = tuple(patch_size)
+        self.grid_size = tuple(s // p for s, p in zip(img_size, patch_size))
+        self.levels = list(levels)
+        self.width = width
+        self.max_scans = max_scans
+        self.in_chans = in_chans
+        self.patch_dropout = patch_dropout
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed3D(self.patch_size, in_chans, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.spatial_posemb = nn.Parameter(sincos_3d(width, self.grid_size), requires_grad=False)
+        if max_scans > 1:
+            table = sincos_1d(width, torch.arange(max_scans, dtype=torch.float64))[None]
+            self.sequential_posemb = nn.Parameter(table, requires_grad=False)
+        else:
+            self.sequential_posemb = None
+        rates = torch.linspace(0, drop_path_rate, len(levels)).tolist()
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, level, rate) for level, rate in zip(self.levels, rates)
+        )
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=1e-6)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # -- input checks -------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor, scan_mask: torch.Tensor | None) -> torch.Tensor:
+        if x.ndim != 6:
+            raise ValueError(
+                f"expected studies as [B, N, {self.in_chans}, D, H, W] (B studies, N scans), got a tensor of rank {x.ndim} "
+                f"with shape {tuple(x.shape)}"
+            )
+        B, N, C, D, H, W = x.shape
+        if C != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} channel(s) per scan, got {C} (shape {tuple(x.shape)})")
+        for name, size, p in zip("DHW", (D, H, W), self.patch_size):
+            if size % p:
+                raise ValueError(f"scan size {name}={size} is not divisible by the patch size {p} (patch {self.patch_size})")
+        if scan_mask is None:
+            return torch.ones(B, N, dtype=torch.bool, device=x.device)
+        if scan_mask.shape != (B, N):
+            raise ValueError(f"scan_mask must be [B, N] = {[B, N]}, got {list(scan_mask.shape)}")
+        scan_mask = scan_mask.to(device=x.device, dtype=torch.bool)
+        empty = (~scan_mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"scan_mask marks no valid scan for study index(es) {empty}; every study needs at least one scan")
+        return scan_mask
+
+    # -- level transitions --------------------------------------------------------------------
+
+    def _partitions(self, level: str, lay: _Layout) -> int:
+        return {"slice": lay.valid * lay.slabs, "scan": lay.valid, "study": lay.batch}[level]
+
+    def _merge_cls(self, cls: torch.Tensor, src: str, dst: str, lay: _Layout) -> torch.Tensor:
+        """Average the cls copies of finer partitions into the coarser level. cls: [P, C]."""
+        if src == "slice":
+            cls = cls.view(lay.valid, lay.slabs, -1).mean(dim=1)
+            if dst == "scan":
+                return cls
+        # scan -> study: mean over the valid scans of each study only
+        out = cls.new_zeros(lay.batch, cls.shape[-1]).index_add_(0, lay.study_of_scan, cls)
+        return out / lay.scans_per_study[:, None].to(cls.dtype)
+
+    def _split_cls(self, cls: torch.Tensor, src: str, dst: str, lay: _Layout) -> torch.Tensor:
+        """Copy each partition's cls into the finer partitions it splits into. cls: [P, C]."""
+        if src == "study":
+            cls = cls[lay.study_of_scan]
+        if dst == "slice":
+            cls = cls[:, None, :].expand(-1, lay.slabs, -1).reshape(-1, cls.shape[-1])
+        return cls
+
+    def _to_sequences(self, patches: torch.Tensor, cls: torch.Tensor, level: str, lay: _Layout):
+        """Assemble the [P, 1 + L, C] sequences of a level from patch tokens [V, S, T, C] and cls [P, C]."""
+        V, S, T, C = patches.shape
+        if level == "slice":
+            seq = patches.reshape(V * S, T, C)
+        elif level == "scan":
+            seq = patches.reshape(V, S * T, C)
+        else:
+            if lay.padded:
+                full = patches.new_zeros(lay.batch * lay.slots, S * T, C)
+                full[lay.scan_mask.flatten()] = patches.reshape(V, S * T, C)
+                seq = full.view(lay.batch, lay.slots * S * T, C)
+            else:
+                seq = patches.reshape(lay.batch, lay.slots * S * T, C)
+        return torch.cat([cls[:, None, :], seq], dim=1)
+
+    def _from_sequences(self, x: torch.Tensor, level: str, lay: _Layout):
+        """Inverse of ``_to_sequences``: patches [V, S, T, C] and cls [P, C]."""
+        cls, seq = x[:, 0], x[:, 1:]
+        C = x.shape[-1]
+        if level == "study":
+            seq = seq.reshape(lay.batch * lay.slots, lay.slabs * lay.tokens, C)
+            if lay.padded:
+                seq = seq[lay.scan_mask.flatten()]
+        return seq.reshape(lay.valid, lay.slabs, lay.tokens, C), cls
+
+    def _study_key_mask(self, lay: _Layout) -> torch.Tensor | None:
+        if not lay.padded:
+            return None
+        per_slot = lay.scan_mask[:, :, None].expand(-1, -1, lay.slabs * lay.tokens).reshape(lay.batch, -1)
+        cls = per_slot.new_ones(lay.batch, 1)
+        return torch.cat([cls, per_slot], dim=1)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, _Layout]:
+        """Patch + position embedding of the valid scans: tokens [V, S, T, C] and the batch layout."""
+        scan_mask = self._check_input(x, scan_mask)
+        B, N = scan_mask.shape
+        if self.training and self.sequential_posemb is not None and N > self.max_scans:
+            raise ValueError(
+                f"{N} scans per study but the model was built for at most {self.max_scans} in training "
+                f"(max_scans); sample fewer scans per study"
+            )
+        if self.sequential_posemb is None and N > 1:
+            raise ValueError(f"this configuration takes single-scan studies (max_scans=1), got {N} scans per study")
+        flat_mask = scan_mask.flatten()
+        padded = not bool(flat_mask.all())
+        vols = x.flatten(0, 1)
+        if padded:
+            vols = vols[flat_mask]
+        tokens = self.patch_embed(vols)
+        V, d, h, w, C = tokens.shape
+        pos = resample_spatial(self.spatial_posemb, (d, h, w))[0]
+        tokens = tokens + pos.to(tokens.dtype)
+        if self.sequential_posemb is not None:
+            rows = scan_index_rows(self.sequential_posemb, N, self.training)  # [N, C]
+            slot = torch.arange(N, device=x.device).expand(B, N).flatten()[flat_mask]
+            tokens = tokens + rows[slot][:, None, None, None, :].to(tokens.dtype)
+        study_of_scan = torch.arange(B, device=x.device).repeat_interleave(N)[flat_mask]
+        has_slice = "slice" in self.levels
+        slabs = d if has_slice else 1
+        tokens = tokens.reshape(V, slabs, -1, C)
+        if self.training and self.patch_dropout > 0:
+            tokens = self._drop_patches(tokens)
+        lay = _Layout(B, N, slabs, tokens.shape[2], scan_mask, study_of_scan, scan_mask.sum(dim=1).float(), padded)
+        return tokens, lay
+
+    def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Keep the same random subset size in every finest partition (slab or scan)."""
+        V, S, T, C = tokens.shape
+        keep = max(1, int(round(T * (1.0 - self.patch_dropout))))
+        idx = torch.rand(V, S, T, device=tokens.device).argsort(dim=-1)[..., :keep]
+        return tokens.gather(2, idx[..., None].expand(-1, -1, -1, C))
+
+    def forward_tokens(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, _Layout]:
+        """Run all blocks. Returns (study cls [B, C] after the final norm, patch tokens [V, S, T, C]
+        after the final norm, the layout)."""
+        patches, lay = self.embed(x, scan_mask)
+        level = self.levels[0]
+        cls = self.cls_token[0].expand(self._partitions(level, lay), -1).to(patches.dtype)
+        seq = self._to_sequences(patches, cls, level, lay)
+        study_mask = self._study_key_mask(lay)
+        for blk in self.blocks:
+            if blk.level != level:
+                patches, cls = self._from_sequences(seq, level, lay)
+                if _RANK[blk.level] > _RANK[level]:
+                    cls = self._merge_cls(cls, level, blk.level, lay)
+                else:
+                    cls = self._split_cls(cls, level, blk.level, lay)
+                level = blk.level
+                seq = self._to_sequences(patches, cls, level, lay)
+            mask = study_mask if level == "study" else None
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                seq = checkpoint(blk, seq, mask, use_reentrant=False)
+            else:
+                seq = blk(seq, mask)
+        patches, cls = self._from_sequences(seq, level, lay)
+        if level != "study":
+            cls = self._merge_cls(cls, level, "study", lay)
+        return self.norm(cls), self.norm(patches), lay
+
+    def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, 1, D, H, W]; scan_mask: [B, N] bool (True = real scan) or None. Returns [B, C]."""
+        cls, _, _ = self.forward_tokens(x, scan_mask)
+        return cls
+
+
+class VisualTower(nn.Module):
+    """Trunk + projection head, named as in open_clip's TimmModel (``trunk``, ``head.proj``)."""
+
+    def __init__(self, trunk: HierarchicalViT, embed_dim: int, proj_dropout: float = 0.0):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Sequential()
+        self.head.add_module("drop", nn.Dropout(proj_dropout))
+        self.head.add_module("proj", nn.Linear(trunk.width, embed_dim, bias=False))
+
+    def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.trunk(x, scan_mask))

@@ -1,0 +1,73 @@
+"""Fixed sin-cos position embeddings for scans (3D) and for the scan index in a study (1D).
+
+The tables are not learned. They are stored in the state dict (under the names the released
+HLIP checkpoints use: ``spatial_posemb`` [1, d, h, w, C] and ``sequential_posemb`` [1, S, C]) so
+that a checkpoint carries exactly the table it was trained with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sin-cos embedding of positions.
+
+    positions: any shape, float. Returns [positions.numel(), dim] as ``[sin | cos]`` halves.
+    """
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / (10000.0 ** omega)
+    out = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """3D sin-cos table for a (d, h, w) patch grid: [1, d, h, w, dim].
+
+    A third of the channels encodes each axis, in the order (w, h, d) as in the public HLIP code,
+    so that released weights see the table they were trained with.
+    """
+    if dim % 6:
+        raise ValueError(f"3D sin-cos embedding needs a width divisible by 6, got {dim}")
+    d, h, w = grid
+    zz, yy, xx = torch.meshgrid(
+        torch.arange(d, dtype=torch.float64),
+        torch.arange(h, dtype=torch.float64),
+        torch.arange(w, dtype=torch.float64),
+        indexing="ij",
+    )
+    third = dim // 3
+    emb = torch.cat([sincos_1d(third, xx), sincos_1d(third, yy), sincos_1d(third, zz)], dim=1)
+    return emb.reshape(1, d, h, w, dim)
+
+
+def resample_spatial(table: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a [1, d, h, w, C] table to another patch grid (trilinear), for other scan sizes."""
+    if tuple(table.shape[1:4]) == tuple(grid):
+        return table
+    out = F.interpolate(table.permute(0, 4, 1, 2, 3).float(), size=tuple(grid), mode="trilinear", align_corners=False)
+    return out.permute(0, 2, 3, 4, 1).to(table.dtype)
+
+
+def scan_index_rows(table: torch.Tensor, num_scans: int, training: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rows of the [1, S, C] scan-index table for ``num_scans`` scan slots: [num_scans, C].
+
+    Training draws ``num_scans`` distinct random rows (scan order carries no meaning in a study);
+    evaluation takes the first rows, and interpolates the table linearly when a study has more
+    scans than it has rows.
+    """
+    rows = table.shape[1]
+    if training:
+        if num_scans > rows:
+            raise ValueError(
+                f"a study has {num_scans} scan slots but the scan-index table has {rows} rows; "
+                f"sample at most {rows} scans per study in training (or raise max_scans)"
+            )
+        perm = torch.randperm(rows, generator=generator)[:num_scans].to(table.device)
+        return table[0, perm]
+    if num_scans <= rows:
+        return table[0, :num_scans]
+    out = F.interpolate(table.permute(0, 2, 1).float(), size=num_scans, mode="linear", align_corners=False)
+    return out.permute(0, 2, 1)[0].to(table.dtype)

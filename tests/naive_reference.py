@@ -1,0 +1,71 @@
+"""A deliberately plain re-statement of HLIP's image encoder, for checking the real one.
+
+It reads raw tensors from a state dict (open_clip / timm names), loops over every partition of
+every block with explicit softmax attention, and keeps one cls token per partition in a dict keyed
+by the partition: slice (n, s), scan (n,), study (). A partition contains another when its key is
+a prefix of the other's, so "copy on split, average on merge" is spelled out literally.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _block(sd: dict, p: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+    L, C = x.shape
+    h = F.layer_norm(x, (C,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
+    qkv = (h @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(L, 3, heads, C // heads)
+    q, k, v = qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1), qkv[:, 2].transpose(0, 1)
+    attn = torch.softmax(q @ k.transpose(1, 2) / (C // heads) ** 0.5, dim=-1)
+    out = (attn @ v).transpose(0, 1).reshape(L, C)
+    x = x + out @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
+    h = F.layer_norm(x, (C,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
+    h = F.gelu(h @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
+    return x + h @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+
+
+def _keys(level: str, n_scans: int, n_slabs: int) -> list[tuple]:
+    if level == "slice":
+        return [(n, s) for n in range(n_scans) for s in range(n_slabs)]
+    if level == "scan":
+        return [(n,) for n in range(n_scans)]
+    return [()]
+
+
+def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """One study [N, 1, D, H, W] (valid scans only, evaluation mode) -> trunk feature [C]."""
+    w = sd[prefix + "patch_embed.proj.weight"]
+    tok = F.conv3d(study, w, sd[prefix + "patch_embed.proj.bias"], stride=patch).permute(0, 2, 3, 4, 1)
+    N, d, h, ww, C = tok.shape
+    spatial = sd[prefix + "spatial_posemb"]
+    if tuple(spatial.shape[1:4]) != (d, h, ww):
+        spatial = F.interpolate(spatial.permute(0, 4, 1, 2, 3), size=(d, h, ww), mode="trilinear").permute(0, 2, 3, 4, 1)
+    tok = tok + spatial[0]
+    if prefix + "sequential_posemb" in sd:
+        tok = tok + sd[prefix + "sequential_posemb"][0, :N][:, None, None, None, :]
+    tokens = {(n, s): tok[n, s].reshape(h * ww, C) for n in range(N) for s in range(d)}
+
+    def members(key):  # slabs inside a partition
+        return [k for k in tokens if k[: len(key)] == key]
+
+    cls = {key: sd[prefix + "cls_token"][0, 0] for key in _keys(levels[0], N, d)}
+    level = levels[0]
+    for i, new_level in enumerate(levels):
+        if new_level != level:
+            new = {}
+            for key in _keys(new_level, N, d):
+                finer = [old for old in cls if old[: len(key)] == key and len(old) > len(key)]
+                if finer:
+                    new[key] = torch.stack([cls[o] for o in finer]).mean(0)
+                else:
+                    new[key] = next(cls[old] for old in cls if key[: len(old)] == old)
+            cls, level = new, new_level
+        for key in cls:
+            slabs = members(key)
+            seq = torch.cat([cls[key][None]] + [tokens[k] for k in slabs])
+            out = _block(sd, f"{prefix}blocks.{i}.", seq, heads)
+            cls[key] = out[0]
+            for j, k in enumerate(slabs):
+                tokens[k] = out[1 + j * h * ww : 1 + (j + 1) * h * ww]
+    final = torch.stack(list(cls.values())).mean(0) if level != "study" else cls[()]
+    return F.layer_norm(final, (C,), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"], eps=1e-6)

@@ -1,0 +1,212 @@
+"""The hierarchical encoder: shapes, level schedule, masks, position embeddings, input errors."""
+import pytest
+import torch
+
+import hlip_core
+from hlip_core.model.clip import build_trunk
+from hlip_core.model.registry import get_config
+
+from naive_reference import study_feature
+
+
+def small_trunk(levels, max_scans=40, width=48, heads=4, img=(16, 32, 32), patch=(4, 8, 8), seed=0):
+    torch.manual_seed(seed)
+    vision = dict(img_size=list(img), patch_size=list(patch), width=width, depth=len(levels), num_heads=heads,
+                  mlp_ratio=2.0, max_scans=max_scans, levels=list(levels))
+    trunk = build_trunk(vision).eval()
+    with torch.no_grad():  # non-trivial cls and biases so that wrong averaging would show
+        trunk.cls_token.normal_()
+        for name, p in trunk.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    return trunk
+
+
+H2 = ["scan", "scan", "study", "scan", "scan", "study"]
+H3 = ["slice", "scan", "study", "slice", "scan", "study"]
+ODD = ["study", "slice", "slice", "scan", "study", "slice"]  # every transition, ending below study
+
+
+@pytest.mark.parametrize("name", [n for n in hlip_core.list_configs()])
+def test_every_configuration_builds_and_embeds(name):
+    cfg = get_config(name)
+    trunk = build_trunk(cfg["vision"]).eval()
+    d, h, w = cfg["vision"]["patch_size"]
+    n = 1 if cfg["vision"]["max_scans"] == 1 else 2
+    x = torch.randn(2, n, 1, 2 * d, 2 * h, 2 * w)  # small scans: the position table is resampled
+    with torch.no_grad():
+        out = trunk(x)
+    assert out.shape == (2, cfg["vision"]["width"])
+    assert torch.isfinite(out).all()
+    if name.endswith("_fullattn"):
+        assert set(trunk.levels) == {"study"}
+    assert len(trunk.blocks) == cfg["vision"]["depth"]
+
+
+def test_published_schedules():
+    assert get_config("vit_base_multiscan_h3_token1176")["vision"]["levels"] == ["slice", "scan", "study"] * 4
+    assert get_config("vit_base_multiscan_h2_token1176")["vision"]["levels"] == ["scan", "scan", "study"] * 4
+    assert get_config("vit_base_singlescan_h2_token2744")["vision"]["levels"] == ["slice", "slice", "study"] * 4
+    c = get_config("vit_base_multiscan_h2_token588")["vision"]
+    assert (c["img_size"], c["patch_size"], c["width"], c["depth"], c["num_heads"]) == ([48, 224, 224], [16, 16, 16], 768, 12, 12)
+
+
+@pytest.mark.parametrize("levels", [H2, H3, ODD, ["study"] * 4, ["scan"] * 3, ["slice"] * 3])
+def test_matches_plain_per_partition_attention(levels):
+    trunk = small_trunk(levels)
+    sd = trunk.state_dict()
+    study = torch.randn(3, 1, 16, 32, 32)
+    with torch.no_grad():
+        ours = trunk(study[None])[0]
+        naive = study_feature(sd, levels, (4, 8, 8), 4, study)
+    torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+def test_all_study_blocks_equal_full_attention_over_all_tokens():
+    trunk = small_trunk(["study"] * 3)
+    x = torch.randn(1, 3, 1, 16, 32, 32)
+    with torch.no_grad():
+        cls, patches, _ = trunk.forward_tokens(x)
+        # plain ViT: one sequence of cls + every token of every scan, through the same blocks
+        tokens, _ = trunk.embed(x)
+        seq = torch.cat([trunk.cls_token, tokens.reshape(1, -1, trunk.width)], dim=1)
+        for blk in trunk.blocks:
+            seq = blk(seq)
+        plain = trunk.norm(seq)
+    torch.testing.assert_close(cls, plain[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patches.reshape(1, -1, trunk.width), plain[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_scan_level_model_treats_each_scan_alone():
+    trunk = small_trunk(["scan"] * 4)
+    x = torch.randn(1, 3, 1, 16, 32, 32)
+    with torch.no_grad():
+        _, patches, _ = trunk.forward_tokens(x)
+        for k in range(3):
+            only_k = torch.zeros(1, 3, dtype=torch.bool)
+            only_k[0, k] = True
+            _, alone, _ = trunk.forward_tokens(x, only_k)
+            torch.testing.assert_close(alone[0], patches[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [H2, H3, ODD])
+def test_study_embedding_does_not_change_when_padded_in_a_batch(levels):
+    trunk = small_trunk(levels)
+    small = torch.randn(1, 2, 1, 16, 32, 32)
+    big = torch.randn(1, 5, 1, 16, 32, 32)
+    batch = torch.zeros(3, 5, 1, 16, 32, 32)
+    batch[0, :2] = small[0]
+    batch[0, 2:] = 7.0  # garbage in padded slots must not leak in
+    batch[1] = big[0]
+    batch[2, :1] = small[0, :1]
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        together = trunk(batch, mask)
+        alone = [trunk(small), trunk(big), trunk(small[:, :1])]
+    for i in range(3):
+        torch.testing.assert_close(together[i], alone[i][0], atol=1e-5, rtol=0)
+
+
+def test_scan_index_embedding_follows_module_training_not_batch_size():
+    trunk = small_trunk(H2)
+    x = torch.randn(1, 3, 1, 16, 32, 32)
+    with torch.no_grad():
+        one = trunk(x)
+        two = trunk(x.expand(2, -1, -1, -1, -1, -1))
+        torch.testing.assert_close(two[0], one[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(two[1], one[0], atol=1e-5, rtol=0)
+        trunk.train()
+        torch.manual_seed(1)
+        a = trunk(x)
+        torch.manual_seed(2)
+        b = trunk(x)
+    assert not torch.allclose(a, b), "training must draw random scan-index rows"
+    assert not torch.allclose(a, one)
+
+
+def test_scan_index_rows_in_evaluation_are_the_first_rows_and_interpolate_past_the_table():
+    from hlip_core.model.pos_embed import scan_index_rows
+
+    table = torch.randn(1, 4, 6)
+    torch.testing.assert_close(scan_index_rows(table, 3, training=False), table[0, :3])
+    seven = scan_index_rows(table, 7, training=False)
+    assert seven.shape == (7, 6)
+    trunk = small_trunk(H2, max_scans=4)
+    with torch.no_grad():
+        assert trunk(torch.randn(1, 6, 1, 16, 32, 32)).shape == (1, 48)  # more scans than rows: fine in eval
+    trunk.train()
+    with pytest.raises(ValueError, match="at most 4"):
+        trunk(torch.randn(1, 6, 1, 16, 32, 32))
+
+
+def test_other_scan_sizes_resample_the_position_table():
+    trunk = small_trunk(H2)
+    with torch.no_grad():
+        out = trunk(torch.randn(1, 2, 1, 24, 48, 40))  # not the (16, 32, 32) it was built for
+    assert out.shape == (1, 48) and torch.isfinite(out).all()
+
+
+def test_patch_dropout_keeps_partitions_equal_and_trains():
+    for levels in (H2, H3):
+        trunk = small_trunk(levels)
+        trunk.patch_dropout = 0.5
+        trunk.train()
+        tokens, lay = trunk.embed(torch.randn(2, 3, 1, 16, 32, 32))
+        full_t = 16 if "slice" in levels else 64  # tokens per slab (4x4) or per scan (4x4x4)
+        assert tokens.shape[2] == full_t // 2
+        out = trunk(torch.randn(2, 3, 1, 16, 32, 32), torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool))
+        out.sum().backward()
+        assert trunk.patch_embed.proj.weight.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 2, 1, 16, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        trunk = small_trunk(H3)
+        trunk.train()
+        trunk.set_grad_checkpointing(ckpt)
+        torch.manual_seed(0)
+        trunk(x).square().sum().backward()
+        grads.append(trunk.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    trunk = small_trunk(H2)
+    x = torch.randn(2, 2, 1, 16, 32, 32)
+    with torch.no_grad():
+        ref = trunk(x)
+        with hlip_core.model.autocast("cpu", "bf16"):
+            low = trunk(x)
+    assert low.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(ref, low.float(), dim=-1)
+    assert (cos > 0.99).all(), cos
+
+
+@pytest.mark.parametrize(
+    "x, mask, message",
+    [
+        (torch.randn(2, 1, 16, 32, 32), None, "rank 5"),
+        (torch.randn(1, 2, 1, 15, 32, 32), None, "D=15 is not divisible"),
+        (torch.randn(1, 2, 2, 16, 32, 32), None, "channel"),
+        (torch.randn(2, 2, 1, 16, 32, 32), torch.tensor([[1, 0], [0, 0]], dtype=torch.bool), r"no valid scan for study index\(es\) \[1\]"),
+        (torch.randn(2, 2, 1, 16, 32, 32), torch.ones(2, 3, dtype=torch.bool), "scan_mask must be"),
+    ],
+)
+def test_bad_input_is_named(x, mask, message):
+    trunk = small_trunk(H2)
+    with pytest.raises(ValueError, match=message):
+        trunk(x, mask)
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        small_trunk(H2, img=(15, 32, 32))
+    with pytest.raises(KeyError, match="unknown model configuration"):
+        get_config("vit_huge")
+    with pytest.raises(ValueError, match="blocks \\[1\\] have no attention level"):
+        get_config("tiny_multiscan_h2", vision={"depth": 2, "levels": {"scan": [0]}})
+    single = build_trunk(get_config("tiny_singlescan_h2")["vision"])
+    with pytest.raises(ValueError, match="single-scan"):
+        single(torch.randn(1, 2, 1, 32, 64, 64))
