@@ -37,8 +37,9 @@ _RANK = {"slice": 0, "scan": 1, "study": 2}
 class Attention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
-    Set ``keep_attention = True`` to compute the probabilities explicitly and keep them (with their
-    gradient) in ``last_attention`` [P, heads, L, L]; saliency methods use this, training does not.
+    Set ``keep_attention = True`` to also keep the attention of each partition's cls token (the
+    first query) over its sequence, with its gradient, in ``last_attention`` [P, heads, 1, L]. Only
+    that row is computed explicitly (memory grows with L, not L^2); saliency methods use it.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -58,17 +59,16 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(P, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if self.keep_attention:
-            logits = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            logits = (q[:, :, :1] * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # [P, heads, 1, L]
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             attn = logits.softmax(dim=-1)
             if attn.requires_grad:
                 attn.retain_grad()
             self.last_attention = attn
-            out = attn @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = torch.cat([attn @ v, out[:, :, 1:]], dim=2)
         return self.proj(out.transpose(1, 2).reshape(P, L, C))
 
 

@@ -1,0 +1,116 @@
+"""Metrics, thresholds, retrieval and prompt sets, on known inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from hlip_core.eval import EmbeddingIndex, benchmark_names, findings_from_text, load_prompt_set
+from hlip_core.eval.metrics import (
+    auc_per_finding,
+    choose_thresholds,
+    classification_table,
+    format_table,
+    macro,
+    recall_at_k,
+    roc_png,
+)
+
+
+def test_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 3)).astype(float)
+    s = y * 0.7 + rng.normal(0, 0.5, y.shape)
+    names = ["a", "b", "c"]
+    aucs = auc_per_finding(y, s, names)
+    for j, n in enumerate(names):
+        assert aucs[n] == pytest.approx(roc_auc_score(y[:, j], s[:, j]))
+    assert macro(aucs) == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(3)]))
+    thr = {"a": 0.3, "b": 0.1, "c": 0.5}
+    rows = classification_table(y, s, names, thr, n_boot=200)
+    for j, r in enumerate(rows):
+        pred = s[:, j] >= thr[names[j]]
+        assert r.balanced_accuracy == pytest.approx(balanced_accuracy_score(y[:, j], pred))
+        assert r.f1 == pytest.approx(f1_score(y[:, j], pred))
+        assert r.sensitivity == pytest.approx(pred[y[:, j] == 1].mean())
+        assert r.specificity == pytest.approx((~pred[y[:, j] == 0]).mean())
+        assert r.auc_low < r.auc < r.auc_high
+    assert "macro" in format_table(rows)
+
+
+def test_unknown_labels_are_left_out_not_counted_negative():
+    y = np.array([[1.0], [0.0], [np.nan], [1.0], [0.0]])
+    s = np.array([[0.9], [0.1], [0.0], [0.8], [0.2]])
+    assert auc_per_finding(y, s, ["x"])["x"] == 1.0
+
+
+def test_thresholds_come_from_the_validation_split_only():
+    rng = np.random.default_rng(1)
+    y_val = rng.integers(0, 2, (100, 1)).astype(float)
+    s_val = y_val + rng.normal(0, 0.3, y_val.shape)
+    thr = choose_thresholds(y_val, s_val, ["x"])
+    y_test = rng.integers(0, 2, (100, 1)).astype(float)
+    s_test = y_test + rng.normal(0, 0.3, y_test.shape) + 5.0  # shifted test scores
+    rows_a = classification_table(y_test, s_test, ["x"], thr, n_boot=0)
+    rows_b = classification_table(1 - y_test, s_test, ["x"], thr, n_boot=0)
+    assert rows_a[0].threshold == rows_b[0].threshold == thr["x"]  # test labels never move it
+    assert rows_a[0].specificity == 0.0  # every shifted test score is above the validation threshold
+
+
+def test_roc_png_is_written(tmp_path):
+    y = np.array([[0, 1], [1, 0], [1, 1], [0, 0]], dtype=float)
+    path = roc_png(y, np.random.default_rng(0).random((4, 2)), ["a", "b"], tmp_path / "roc.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recall_at_k():
+    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.1], [0.3, 0.2, 0.1]])  # ranks 0, 1, 2
+    r = recall_at_k(sim, ks=(1, 2))
+    assert r == {"R@1": pytest.approx(1 / 3), "R@2": pytest.approx(2 / 3)}
+
+
+def test_retrieval_of_100000_studies_finds_the_nearest_neighbour(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((100_000, 64)).astype(np.float32)
+    ids = [f"study-{i}" for i in range(len(emb))]
+    EmbeddingIndex.build(emb, ids).save(tmp_path / "index")
+    index = EmbeddingIndex.load(tmp_path / "index")
+    targets = rng.integers(0, len(emb), 20)
+    queries = emb[targets] + rng.standard_normal((20, 64)).astype(np.float32) * 0.05
+    hits = index.search(queries, k=5)
+    normed = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for q, t, h in zip(queries, targets, hits):
+        exact = np.argsort(-(normed @ (q / np.linalg.norm(q))))[:5]
+        assert h[0][0] == f"study-{t}"
+        assert [sid for sid, _ in h] == [ids[i] for i in exact]
+        assert h[0][1] == pytest.approx(float(normed[t] @ (q / np.linalg.norm(q))), abs=2e-3)
+    same = index.search(emb[:3], k=3, exclude=ids[:3])
+    assert all(hit[0][0] != ids[i] for i, hit in enumerate(same))
+    with pytest.raises(KeyError, match="not in the index"):
+        index.vector("nobody")
+
+
+def test_prompt_sets_match_the_public_label_files():
+    assert set(benchmark_names()) >= {"ct-rate", "rad-chestct", "pub-brain-5", "cq500", "rsna-ich"}
+    import csv
+    from pathlib import Path
+
+    labels = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-rate-labels" / "valid_labels.csv"
+    header = next(csv.reader(open(labels)))
+    ct = load_prompt_set("ct-rate")
+    assert [f.column for f in ct.findings] == header[1:]
+    assert ct.id_column == header[0] and len(ct.findings) == 18
+    assert all(f.negative for f in ct.findings)
+    assert load_prompt_set("pub-brain-5").mode == "multiclass"
+
+
+def test_free_text_findings_are_checked():
+    f = findings_from_text(["  intracranial   haemorrhage "])[0]
+    assert (f.positive, f.negative) == ("intracranial haemorrhage", "no intracranial haemorrhage")
+    with pytest.raises(ValueError, match="finding 1 is empty"):
+        findings_from_text(["mass", " "])
+    with pytest.raises(ValueError, match="limit is 300"):
+        findings_from_text(["x" * 301])
+    with pytest.raises(KeyError, match="unknown prompt set"):
+        load_prompt_set("mimic")
