@@ -1,8 +1,8 @@
 """Hierarchical vs full attention: forward time, peak memory and FLOP rate of the study encoder.
 
 Prints, for 1, 2, 4, 8 and 16 scans of the token1176 configuration (scans of 48x224x224), the
-forward time and peak memory (resident memory the forward adds above the built model and its
-input, measured in a fresh process per point) of the hierarchical model and of the same model with full attention,
+forward time (both models timed in turns in one process) and peak memory (resident memory one
+forward adds above the built model and its input, in a fresh process) of the hierarchical model and of the same model with full attention,
 their ratio, and the achieved FLOP rate as a fraction of this machine's fp32 matrix-multiply rate,
 measured in the same run (the machine is shared: compare ratios, not absolute figures).
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -52,27 +51,60 @@ def forward_flops(vision: dict, scans: int) -> float:
     return float(total)
 
 
-def measure(config: str, scans: int, width: int | None, heads: int | None, repeats: int) -> dict:
-    """Run in a fresh process so that its peak resident memory belongs to this measurement alone."""
+def _build(config: str, width: int | None, heads: int | None):
     from hlip_core.model.clip import build_trunk
     from hlip_core.model.registry import get_config
 
-    overrides = {}
-    if width:
-        overrides["vision"] = {"width": width, "num_heads": heads}
+    overrides = {"vision": {"width": width, "num_heads": heads}} if width else {}
     vision = get_config(config, **overrides)["vision"]
-    trunk = build_trunk(vision).eval()
+    return build_trunk(vision).eval(), vision
+
+
+def measure_time(config: str, scans: int, width: int | None, heads: int | None, repeats: int) -> dict:
+    """Hierarchical and full attention timed in turns in one process, so that a change in the
+    machine's load hits both alike; the best of ``repeats`` forwards of each is kept."""
+    hier, vision = _build(config, width, heads)
+    full, _ = _build(config + "_fullattn", width, heads)
+    x = torch.randn(1, scans, 1, *vision["img_size"])
+    best = {"hier": float("inf"), "full": float("inf")}
+    with torch.inference_mode():
+        hier(x), full(x)  # warm-up
+        for _ in range(repeats):
+            for kind, trunk in (("hier", hier), ("full", full)):
+                t = time.perf_counter()
+                trunk(x)
+                best[kind] = min(best[kind], time.perf_counter() - t)
+    return {"hier": best["hier"], "full": best["full"], "hier_flops": forward_flops(vision, scans),
+            "full_flops": forward_flops(dict(vision, levels=["study"] * len(vision["levels"])), scans)}
+
+
+def measure_memory(config: str, scans: int, width: int | None, heads: int | None) -> float:
+    """Resident memory (MB) one forward adds above the built model and its input (fresh process)."""
+    trunk, vision = _build(config, width, heads)
     x = torch.randn(1, scans, 1, *vision["img_size"])
     with torch.inference_mode():
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model and input, before any forward
-        trunk(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            trunk(x)
-            times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": min(times), "peak_mb": (peak - base) / 1024, "flops": forward_flops(vision, scans)}
+        base = _reset_peak_rss()
+        trunk(x)
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs); returns the current RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def _child(args_list: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args_list], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -81,35 +113,34 @@ def main() -> None:
     parser.add_argument("--scans", default="1,2,4,8,16", help="numbers of scans per study (default: %(default)s)")
     parser.add_argument("--width", type=int, default=None, help="override the width (default: the configuration's)")
     parser.add_argument("--heads", type=int, default=None, help="heads when --width is given")
-    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per point; the best is kept (default: %(default)s)")
-    parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per model and point; the best is kept (default: %(default)s)")
+    parser.add_argument("--_time", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._child:
-        config, scans, _ = args._child
-        print(json.dumps(measure(config, int(scans), args.width, args.heads, args.repeats)))
+    if args._time:
+        print(json.dumps(measure_time(args._time[0], int(args._time[1]), args.width, args.heads, args.repeats)))
+        return
+    if args._memory:
+        print(json.dumps({"mb": measure_memory(args._memory[0], int(args._memory[1]), args.width, args.heads)}))
         return
 
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"# {' '.join(sys.argv)}")
+    extra = ["--width", str(args.width), "--heads", str(args.heads)] if args.width else []
+    print(f"# python {' '.join(sys.argv)}")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
     rate = matmul_rate()
     print(f"# fp32 matmul rate measured now: {rate:.0f} GFLOP/s")
-    header = f"{'scans':>5} | {'hier s':>7} {'full s':>7} {'time ratio':>10} | {'hier MB':>8} {'full MB':>8} | {'hier %mm':>8} {'full %mm':>8}"
+    header = (f"{'scans':>5} | {'hier s':>7} {'full s':>7} {'time ratio':>10} {'FLOP ratio':>10} | "
+              f"{'hier MB':>8} {'full MB':>8} | {'hier %mm':>8} {'full %mm':>8}")
     print(header)
     print("-" * len(header))
     for scans in (int(s) for s in args.scans.split(",")):
-        row = {}
-        for kind, name in (("hier", args.config), ("full", args.config + "_fullattn")):
-            cmd = [sys.executable, __file__, "--_child", name, str(scans), "x", "--repeats", str(args.repeats)]
-            if args.width:
-                cmd += ["--width", str(args.width), "--heads", str(args.heads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            row[kind] = json.loads(out.strip().splitlines()[-1])
-        h, f = row["hier"], row["full"]
+        t = _child(["--_time", args.config, str(scans), "--repeats", str(args.repeats), *extra])
+        mem_h = _child(["--_memory", args.config, str(scans), *extra])["mb"]
+        mem_f = _child(["--_memory", args.config + "_fullattn", str(scans), *extra])["mb"]
         print(
-            f"{scans:>5} | {h['seconds']:7.2f} {f['seconds']:7.2f} {f['seconds'] / h['seconds']:9.2f}x | "
-            f"{h['peak_mb']:8.0f} {f['peak_mb']:8.0f} | "
-            f"{100 * h['flops'] / h['seconds'] / 1e9 / rate:7.0f}% {100 * f['flops'] / f['seconds'] / 1e9 / rate:7.0f}%",
+            f"{scans:>5} | {t['hier']:7.2f} {t['full']:7.2f} {t['full'] / t['hier']:9.2f}x {t['full_flops'] / t['hier_flops']:9.2f}x | "
+            f"{mem_h:8.0f} {mem_f:8.0f} | "
+            f"{100 * t['hier_flops'] / t['hier'] / 1e9 / rate:7.0f}% {100 * t['full_flops'] / t['full'] / 1e9 / rate:7.0f}%",
             flush=True,
         )
     print(f"# fp32 matmul rate at the end: {matmul_rate():.0f} GFLOP/s")
