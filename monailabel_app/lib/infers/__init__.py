@@ -1,0 +1,3 @@
+from .hlip_findings import HLIPFindings
+
+__all__ = ["HLIPFindings"]

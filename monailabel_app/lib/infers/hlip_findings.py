@@ -1,0 +1,148 @@
+"""The findings task: free-text findings scored for a whole study, with optional heat maps.
+
+One instance holds the loaded model (``hlip_core.inference.StudyPredictor``), a small memory of
+recently prepared studies and of answers already given. Every method that touches the model runs
+on the inference worker thread only (see ``lib/worker.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, Tuple, Union
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from ..configs import HLIPConfig
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = ("HLIP zero-shot findings for a whole study (all its CT/MRI series): probability and score per "
+               "free-text finding, the series that drives it, and optionally a heat map per finding")
+
+
+class LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.lock = threading.Lock()
+
+    def get_item(self, key):
+        with self.lock:
+            if key not in self:
+                return None
+            self.move_to_end(key)
+            return self[key]
+
+    def put(self, key, value) -> None:
+        if self.size <= 0:
+            return
+        with self.lock:
+            self[key] = value
+            self.move_to_end(key)
+            while len(self) > self.size:
+                self.popitem(last=False)
+
+
+class HLIPFindings(InferTask):
+    def __init__(self, config: HLIPConfig):
+        from hlip_core.inference import StudyPredictor
+
+        super().__init__(type="hlip_findings", labels=list(config.findings), dimension=3, description=DESCRIPTION,
+                         config={"heatmaps": config.heatmaps, "max_findings": config.max_findings})
+        self.conf = config
+        self.predictor = StudyPredictor.load(config.checkpoint, device=config.device, precision=config.precision)
+        self.prepared = LRU(config.prepared_cache)  # (study id, signature) -> PreparedStudy
+        self.answers = LRU(8192)  # (study id, signature, finding) -> finding's JSON (without heat map)
+        self.skipped = LRU(1024)  # (study id, signature) -> series the ingestion could not use, with reasons
+        self.tmp = Path(config.cache_dir) / "tmp"
+
+    def is_valid(self) -> bool:
+        return True
+
+    # -- on the worker thread -------------------------------------------------------------------
+
+    def prepare(self, study, files_of):
+        """A PreparedStudy for a catalog StudyEntry; ``files_of(study)`` gives its local files."""
+        key = (study.study_id, study.signature)
+        hit = None if study.temporary else self.prepared.get_item(key)
+        if hit is not None:
+            return hit
+        prepared = self.predictor.prepare(files_of(study), study_id=study.study_id)
+        prepared.study_id = study.study_id  # the catalog's id (a folder name or StudyInstanceUID) is the one clients use
+        if not study.temporary:
+            self.prepared.put(key, prepared)
+        return prepared
+
+    def embed(self, study, files_of) -> np.ndarray:
+        """The study's normalised embedding [E] for the search index."""
+        return self.predictor.embed(self.prepare(study, files_of))[0]
+
+    def predict(self, study, files_of, findings: list[str], heatmaps: bool) -> Tuple[dict, list]:
+        """JSON answer and, with heat maps, [(part name, NIfTI .nii.gz bytes)] in finding order."""
+        prepared = self.prepare(study, files_of)
+        result = self.predictor.predict(prepared, findings, heatmaps=heatmaps)
+        images = {sc.scan_id: _image_id_of(sc.scan_id, study) for sc in prepared.scans}
+        skipped = [str(s) for s in prepared.skipped]
+        if not study.temporary:
+            self.skipped.put((study.study_id, study.signature), skipped)
+        rows, parts = [], []
+        for j, f in enumerate(result.findings):
+            row = {"finding": f.finding, "probability": f.probability, "score": f.score, "scan_id": f.scan_id,
+                   "scan_description": f.scan_description, "image_id": images.get(f.scan_id)}
+            if not study.temporary:
+                self.answers.put((study.study_id, study.signature, f.finding), dict(row))
+            if heatmaps:
+                row["heatmap"] = f"heatmap_{j}"
+                parts.append((row["heatmap"], self._nifti_bytes(result.heatmaps[f.finding])))
+            rows.append(row)
+        return {"study_id": study.study_id, "findings": rows, "skipped": skipped}, parts
+
+    def cached(self, study, findings: list[str]) -> dict | None:
+        """The JSON answer from memory when every finding was answered for this study before."""
+        if study.temporary:
+            return None
+        rows = [self.answers.get_item((study.study_id, study.signature, f)) for f in findings]
+        skipped = self.skipped.get_item((study.study_id, study.signature))
+        if skipped is None or any(r is None for r in rows):
+            return None
+        return {"study_id": study.study_id, "findings": [dict(r) for r in rows], "skipped": list(skipped)}
+
+    def _nifti_bytes(self, image) -> bytes:
+        import SimpleITK as sitk
+
+        folder = self.tmp / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            path = folder / "heatmap.nii.gz"
+            sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(path), True)
+            return path.read_bytes()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- MONAI Label's own entry (batch infer, the ``monailabel`` CLI) ---------------------------------
+
+    def __call__(self, request) -> Tuple[Union[str, None], Dict]:
+        from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+        # MONAI Label would hand over one image file; findings are for whole studies, on the worker
+        raise MONAILabelException(MONAILabelError.INVALID_INPUT, "hlip_findings scores whole studies: use "
+                                  "POST /infer/hlip_findings?image=<image or study id> (or session_id=<upload session>)")
+
+
+def _image_id_of(scan_id: str, study) -> str | None:
+    """The datastore image a scan of the ingestion came from (series UID, file stem or image id)."""
+    for sc in study.scans:
+        if scan_id in (sc.image_id, sc.series_uid):
+            return sc.image_id
+    for sc in study.scans:
+        for f in sc.files:
+            name = os.path.basename(f)
+            if scan_id in (name, name.split(".")[0], f):
+                return sc.image_id
+    return None

@@ -1,0 +1,431 @@
+"""HTTP routes of the HLIP app, installed on MONAI Label's FastAPI app by ``monailabel_app/asgi.py``.
+
+- ``POST /infer/{model}`` replaces MONAI Label's: the model runs on the worker thread (the stock
+  route runs it inside the event loop and stalls every other request), with a bounded queue (503
+  and Retry-After past it).
+- ``GET|HEAD /datastore/image`` and ``PUT /session/`` keep MONAI Label's contract but run off the
+  event loop (a DICOM series may be downloaded or converted first) and check sizes and names.
+- ``GET /hlip/search``, ``/hlip/similar``, ``/hlip/studies``, ``/hlip/status``.
+- Every error is JSON ``{"detail": "<in words>"}``; ids with '/' or '..' are refused before any
+  route sees them; bodies above ``--conf max_upload_mb`` are refused with 413.
+
+This module reaches the app only through ``app_instance()`` (MONAI Label loads the app's ``lib``
+package under its own name), so nothing here depends on class identity across the two imports.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from monailabel.config import RBAC_USER, settings
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException, MONAILabelException
+from monailabel.interfaces.utils.app import app_instance, apps, clear_cache
+from monailabel.utils.others.generic import file_checksum, get_mime_type
+from starlette.concurrency import run_in_threadpool
+
+from .datastore.catalog import unsafe_id_reason
+
+log = logging.getLogger(__name__)
+
+ID_PARAMS = {"image", "session_id", "study", "label", "id", "tag", "model"}
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+MAX_UPLOAD_FILES = 100_000
+
+router = APIRouter()
+USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+
+
+def hlip():
+    """The running app's HLIPService."""
+    service = getattr(app_instance(), "hlip", None)
+    if service is None:
+        raise HTTPException(status_code=500, detail="the running MONAI Label app is not the HLIP app (--app monailabel_app)")
+    return service
+
+
+# -- findings ---------------------------------------------------------------------------------------
+
+
+async def read_params(request: Request) -> dict:
+    """``params`` as a multipart/urlencoded form field (MONAI Label's way) or as a JSON body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = "{}"
+    if ctype == "application/json":
+        body = await request.body()
+        raw = body.decode("utf-8", "replace") if body.strip() else "{}"
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await request.form()
+        if form.get("file") is not None:
+            raise HTTPException(status_code=400, detail="hlip_findings takes a whole study: upload its volumes with PUT /session/ and pass session_id=<id>")
+        value = form.get("params")
+        if value is not None:
+            raw = value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
+    elif ctype:
+        body = await request.body()
+        if body.strip():
+            raise HTTPException(status_code=415, detail=f"send params as JSON or as the form field 'params', not as {ctype}")
+    try:
+        params = json.loads(raw or "{}")
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=f"params is not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise HTTPException(status_code=400, detail="params must be a JSON object, e.g. {\"findings\": [\"midline shift\"], \"heatmaps\": true}")
+    return params
+
+
+CHUNK = 1 << 20
+
+
+def send_body(body: bytes, content_type: str) -> StreamingResponse:
+    """A large answer in 1 MB pieces, so that other requests are served between them."""
+    view = memoryview(body)
+
+    async def pieces():
+        for start in range(0, len(view), CHUNK):
+            yield bytes(view[start : start + CHUNK])
+
+    return StreamingResponse(pieces(), media_type=content_type, headers={"Content-Length": str(len(body))})
+
+
+@router.post("/infer/{model}", summary=f"{RBAC_USER}Findings for a whole study (HLIP)", tags=["Infer"])
+async def api_infer(request: Request, model: str, image: str = "", session_id: str = "", output: str = "", user: User = USER):
+    start = time.perf_counter()
+    service = hlip()
+    infers = app_instance()._infers
+    if model not in infers:
+        raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(infers)}")
+    if output not in ("", "json", "all"):
+        raise HTTPException(status_code=400, detail=f"output={output!r} is not offered by {model}: it answers JSON (and multipart with heat maps)")
+    if bool(image) == bool(session_id):
+        raise HTTPException(status_code=400, detail="give exactly one of image=<image or study id> or session_id=<upload session id>")
+    params = await read_params(request)
+    findings = service.findings_names(params)
+    heatmaps = service.want_heatmaps(params)
+    if image:
+        study = await run_in_threadpool(service.resolve, image)
+    else:
+        study = await run_in_threadpool(service.session_study, session_id)
+    if not heatmaps:
+        cached = service.task.cached(study, findings)
+        if cached is not None:
+            cached["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
+            return JSONResponse(cached)
+    future = service.submit_findings(study, findings, heatmaps, start)
+    try:
+        answer = await asyncio.wait_for(asyncio.wrap_future(future), settings.MONAI_LABEL_INFER_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise HTTPException(status_code=504, detail=f"the findings took longer than {settings.MONAI_LABEL_INFER_TIMEOUT} s") from None
+    except HTTPException:
+        raise
+    except ValueError as e:  # NoUsableScanError: the study's series cannot be used (the reasons are in the message)
+        raise HTTPException(status_code=422, detail=str(e)) from None
+    return send_body(*answer) if heatmaps else JSONResponse(answer)
+
+
+# -- datastore volumes and upload sessions ----------------------------------------------------------
+
+
+def _image_file(image: str) -> str:
+    reason = unsafe_id_reason(image)
+    if reason:
+        raise HTTPException(status_code=400, detail=f"image id {image[:80]!r} {reason}")
+    path = app_instance().datastore().get_image_uri(image)
+    if not path or not os.path.isfile(path):
+        raise HTTPException(status_code=404, detail=f"no image with id {image!r} in the datastore")
+    return path
+
+
+@router.head("/datastore/image", summary=f"{RBAC_USER}Check If Image Exists", tags=["Datastore"])
+def api_check_image(image: str, check_sum: str | None = None, user: User = USER):
+    path = _image_file(image)
+    if check_sum:
+        fields = check_sum.split(":")
+        algo = "SHA256" if len(fields) == 1 else fields[0]
+        if fields[-1] != file_checksum(path, algo=algo):
+            raise HTTPException(status_code=404, detail="Image NOT Found (checksum failed)")
+    return {}
+
+
+@router.get("/datastore/image", summary=f"{RBAC_USER}Download Image", tags=["Datastore"])
+def api_download_image(image: str, user: User = USER):
+    path = _image_file(image)
+    return FileResponse(path, media_type=get_mime_type(path), filename=os.path.basename(path))
+
+
+def _looks_usable(path: str) -> bool:
+    if path.lower().endswith(VOLUME_EXTENSIONS):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def _safe_extract(archive: str, target: str, limit: int) -> None:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            members = [m for m in z.infolist() if not m.is_dir()]
+            if sum(m.file_size for m in members) > limit:
+                raise HTTPException(status_code=413, detail="the archive unpacks to more than the upload limit (--conf max_upload_mb)")
+            for i, m in enumerate(members):
+                name = os.path.basename(m.filename)
+                if not name or name.startswith("."):
+                    continue
+                with z.open(m) as src, open(os.path.join(target, f"{i:06d}_{name}"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)  # flattened: no member path is ever used as a path
+        return
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.isfile()]
+            if sum(m.size for m in members) > limit:
+                raise HTTPException(status_code=413, detail="the archive unpacks to more than the upload limit (--conf max_upload_mb)")
+            for i, m in enumerate(members):
+                name = os.path.basename(m.name)
+                if not name or name.startswith("."):
+                    continue
+                with t.extractfile(m) as src, open(os.path.join(target, f"{i:06d}_{name}"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        return
+    raise HTTPException(status_code=400, detail="uncompress=true needs one .zip or .tar(.gz) file")
+
+
+def _store_session(files: list, uncompress: bool, expiry: int) -> dict:
+    service = hlip()
+    if service.sessions is None:
+        raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false)")
+    received = tempfile.mkdtemp(prefix="upload-")
+    try:
+        names = []
+        for i, f in enumerate(files):
+            name = os.path.basename((f.filename or "").replace("\\", "/"))
+            if not name or unsafe_id_reason(name):
+                name = f"file{i:05d}"
+            path = os.path.join(received, f"{i:05d}_{name}" if name in names else name)
+            names.append(name)
+            with open(path, "wb") as out:
+                shutil.copyfileobj(f.file, out)
+        if uncompress:
+            if len(files) != 1:
+                raise HTTPException(status_code=400, detail="uncompress=true needs exactly one archive file")
+            archive = os.path.join(received, os.listdir(received)[0])
+            unpacked = tempfile.mkdtemp(prefix="unpacked-")
+            try:
+                _safe_extract(archive, unpacked, service.config.max_upload_bytes)
+            except BaseException:
+                shutil.rmtree(unpacked, ignore_errors=True)
+                raise
+            shutil.rmtree(received, ignore_errors=True)
+            received = unpacked
+        stored = sorted(os.listdir(received))
+        if not stored:
+            raise HTTPException(status_code=400, detail="the upload holds no files")
+        bad = [n for n in stored if not _looks_usable(os.path.join(received, n))]
+        if bad:
+            raise HTTPException(status_code=400, detail=f"{len(bad)} uploaded file(s) are neither DICOM nor NIfTI/NRRD/MHA volumes, e.g. {bad[0]!r}")
+        source = received if len(stored) > 1 else os.path.join(received, stored[0])
+        session_id, info = service.sessions.add_session(source, expiry)
+        return {"session_id": session_id, "session_info": info.to_json()}
+    finally:
+        shutil.rmtree(received, ignore_errors=True)  # moved into the session store on success
+
+
+@router.put("/session/", summary=f"{RBAC_USER}Create new session with the volumes of one study", tags=["Session"])
+async def api_create_session(request: Request, uncompress: bool = False, expiry: int = 0, user: User = USER):
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPException(status_code=400, detail="send the study's volumes as multipart/form-data fields named 'files'")
+    form = await request.form(max_files=MAX_UPLOAD_FILES, max_fields=1000)
+    try:
+        files = [f for f in form.getlist("files") if not isinstance(f, str)]
+        if not files:
+            raise HTTPException(status_code=400, detail="no files in the upload; send the study's volumes as fields named 'files'")
+        return await run_in_threadpool(_store_session, files, uncompress, expiry)
+    finally:
+        await form.close()
+
+
+# -- search -----------------------------------------------------------------------------------------
+
+
+@router.get("/hlip/search", summary=f"{RBAC_USER}Studies of the datastore that match a text", tags=["HLIP"])
+def api_search(text: str, k: int = 10, user: User = USER):
+    return hlip().search(text, k)
+
+
+@router.get("/hlip/similar", summary=f"{RBAC_USER}Studies of the datastore like a given one", tags=["HLIP"])
+def api_similar(study: str, k: int = 10, user: User = USER):
+    return hlip().similar(study, k)
+
+
+@router.get("/hlip/studies", summary=f"{RBAC_USER}Studies of the datastore and their scans", tags=["HLIP"])
+def api_studies(user: User = USER):
+    return {"studies": hlip().studies()}
+
+
+@router.get("/hlip/status", summary=f"{RBAC_USER}Inference queue and embedding cache", tags=["HLIP"])
+def api_status(user: User = USER):
+    return hlip().status()
+
+
+# -- errors, guards, lifespan -----------------------------------------------------------------------
+
+
+def _words(errors) -> str:
+    out = []
+    for e in errors:
+        where = " ".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body"))
+        out.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+    return "; ".join(out) or "invalid request"
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse(status_code=422, content={"detail": _words(exc.errors())})
+
+
+async def on_monailabel_error(request: Request, exc: MONAILabelException):
+    status = 404 if isinstance(exc, (ImageNotFoundException, LabelNotFoundException)) else 400
+    return JSONResponse(status_code=status, content={"detail": str(getattr(exc, "msg", exc))})
+
+
+async def on_upstream_error(request: Request, exc):
+    log.warning("upstream server error on %s: %s", request.url.path, exc)
+    refused = getattr(getattr(exc, "response", None), "status_code", None) in (400, 401, 403)
+    if refused and request.url.path.endswith("/auth/token"):  # the identity provider said no
+        return JSONResponse(status_code=401, content={"detail": "the identity provider refused this user name and password"},
+                            headers={"WWW-Authenticate": "Bearer"})
+    return JSONResponse(status_code=502, content={"detail": f"a server this one depends on did not answer properly ({type(exc).__name__}: {exc})"})
+
+
+async def on_any_error(request: Request, exc: Exception):
+    log.error("error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); the server log has the details"})
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _upload_limit() -> int | None:
+    for instance in list(apps.values()):
+        config = getattr(instance, "hlip_config", None)
+        if config is not None:
+            return config.max_upload_bytes
+    return None
+
+
+class GuardMiddleware:
+    """Refuses unsafe ids (400) and oversized bodies (413) before any route runs.
+    ``upload_limit()`` gives the byte limit (None: no limit); by default the running app's."""
+
+    def __init__(self, app, upload_limit=None):
+        self.app = app
+        self.upload_limit = upload_limit or _upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for segment in scope["path"].split("/"):
+            if segment == ".." or "\\" in segment:
+                return await _send_json(send, 400, "the request path contains '..' or '\\'")
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+            if key in ID_PARAMS and value:
+                reason = unsafe_id_reason(value)
+                if reason:
+                    return await _send_json(send, 400, f"{key} {value[:80]!r} {reason}; ids are plain names without '/' or '..'")
+        limit = self.upload_limit() if scope["method"] in ("POST", "PUT", "PATCH") else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = f"the upload is larger than this server accepts ({limit // (1024 * 1024)} MB, --conf max_upload_mb)"
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _send_json(send, 413, too_big)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(status_code=413, detail=too_big)
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def _fix_token_check() -> None:
+    """MONAI Label 0.8.5 decodes tokens with PyJWT without naming the algorithms, which PyJWT 2
+    refuses: with auth on, every token, valid or not, is rejected with 401. This replaces its
+    ``from_token`` by the same check with the algorithms named (HLIP_AUTH_ALGORITHMS, default
+    RS256, Keycloak's)."""
+    import jwt
+    from monailabel.endpoints.user import auth
+
+    if getattr(auth.from_token, "hlip_fixed", False):
+        return
+    algorithms = [a.strip() for a in os.environ.get("HLIP_AUTH_ALGORITHMS", "RS256").split(",") if a.strip()]
+
+    def from_token(token: str):
+        if not settings.MONAI_LABEL_AUTH_ENABLE:
+            return auth.DEFAULT_USER
+        key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+        payload = jwt.decode(token, key, algorithms=algorithms, options={"verify_signature": True, "verify_aud": False, "verify_exp": True})
+        roles = payload
+        for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
+            roles = roles.get(part) if isinstance(roles, dict) else None
+        return auth.User(username=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME),
+                         email=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
+                         name=payload.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME), roles=roles or [])
+
+    from_token.hlip_fixed = True
+    auth.from_token = from_token
+
+
+def install(app) -> None:
+    """Put the HLIP routes, guards and error handlers on MONAI Label's FastAPI ``app`` (once)."""
+    if getattr(app.state, "hlip_installed", False):
+        return
+    import requests
+
+    # our routes go first: for the paths and methods they share with MONAI Label's (REPLACED), ours match
+    app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    app.router.routes.insert(0, app.router.routes.pop())
+    mark_changed = getattr(app.router, "_mark_routes_changed", None)  # FastAPI >= 0.16x caches the route tree
+    if mark_changed is not None:
+        mark_changed()
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(MONAILabelException, on_monailabel_error)
+    app.add_exception_handler(requests.RequestException, on_upstream_error)
+    app.add_exception_handler(Exception, on_any_error)
+    app.add_middleware(GuardMiddleware)
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        _fix_token_check()
+
+    stock_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a):
+        async with stock_lifespan(a) as state:
+            yield state
+        for instance in list(apps.values()):  # stop the worker and the indexer, then forget the app
+            stop = getattr(instance, "hlip_shutdown", None)
+            if stop is not None:
+                stop()
+        clear_cache()
+
+    app.router.lifespan_context = lifespan
+    app.state.hlip_installed = True

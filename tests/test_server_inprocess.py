@@ -1,0 +1,352 @@
+"""Every route of the HLIP MONAI Label app and every error it must answer, in process
+(``fastapi.testclient.TestClient`` over ``monailabel.app.app``, as MONAI Label's own tests do).
+
+The datastore is a studies folder: two NIfTI studies, one DICOM study of two series, and one study
+whose only series is a DICOM structured report (nothing the model can use).
+"""
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server_helpers import (APP_DIR, make_checkpoint, parse_multipart, read_nifti_bytes, require_ingestion, same_geometry,
+                            write_dicom_series, write_nifti_study)
+
+FINDINGS = ["intracranial hemorrhage", "mass effect"]
+MAX_QUEUE = 2
+
+
+def write_report_only_study(folder: Path) -> None:
+    """A DICOM study whose one series is a text report (Modality SR, no pixels)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(folder / "report.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.SeriesDescription = generate_uid(), generate_uid(), "SR", "report"
+    ds.save_as(str(folder / "report.dcm"), write_like_original=False)
+
+
+class Audit:
+    """Every file the process opens, creates, moves or deletes at the Python level while ``active``
+    (audit events), as (absolute path, written?) pairs."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    CHANGES = {"os.remove": (0, 1), "os.rmdir": (0, 1), "os.mkdir": (0, 2), "os.rename": (0, 2), "os.replace": (0, 2)}
+
+    def __init__(self):
+        self.active, self.events = False, []
+        sys.addaudithook(self)
+
+    @staticmethod
+    def _absolute(path, dir_fd=None) -> str:
+        path = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+        if not os.path.isabs(path) and isinstance(dir_fd, int):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        return os.path.abspath(path)
+
+    def __call__(self, event, args):
+        if not self.active:
+            return
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            written = any(c in str(mode) for c in "wax+") if mode is not None else bool((flags or 0) & self.WRITE_FLAGS)
+            self.events.append((self._absolute(args[0]), written))
+        elif event in self.CHANGES:
+            path_at, fd_at = self.CHANGES[event]
+            if event in ("os.rename", "os.replace"):
+                self.events.append((self._absolute(args[0], args[2]), True))
+                self.events.append((self._absolute(args[1], args[3]), True))
+            else:
+                self.events.append((self._absolute(args[path_at], args[fd_at] if len(args) > fd_at else None), True))
+
+
+AUDIT = Audit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_ingestion()
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    tmp = tmp_path_factory.mktemp("inprocess")
+    checkpoint = make_checkpoint(tmp / "ckpt")
+    studies = tmp / "studies"
+    write_nifti_study(studies / "nifti1", seed=1)
+    write_nifti_study(studies / "nifti2", seed=2)
+    t1 = write_dicom_series(studies / "dicom1" / "t1", "1.2.826.0.1.7.1", "1.2.826.0.1.7.1.1", description="T1 axial")
+    write_dicom_series(studies / "dicom1" / "t2", "1.2.826.0.1.7.1", "1.2.826.0.1.7.1.2", description="T2 axial", series_number=2, seed=3)
+    write_report_only_study(studies / "reportonly")
+    (tmp / "secret.nii.gz").write_bytes((studies / "nifti1" / "scan0.nii.gz").read_bytes())  # a file no id may reach
+    cache = tmp / "cache"
+    saved = (settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_APP_CONF)
+    settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(APP_DIR), str(studies)
+    settings.MONAI_LABEL_APP_CONF = {"checkpoint": str(checkpoint), "cache_dir": str(cache), "max_upload_mb": "2",
+                                     "max_queue": str(MAX_QUEUE), "rescan_seconds": "1", "threads": "1"}
+    import monailabel_app.asgi  # noqa: F401  (installs the HLIP routes on MONAI Label's app)
+    from monailabel.app import app
+
+    try:
+        with TestClient(app) as client:
+            from monailabel.interfaces.utils.app import app_instance
+
+            service = app_instance().hlip
+            deadline = time.monotonic() + 60
+            while service.indexer.counts()["indexed"] < 3 or service.indexer.counts()["pending"]:
+                assert time.monotonic() < deadline, f"the embedding cache did not fill: {service.status()}"
+                time.sleep(0.2)
+            yield {"client": client, "service": service, "studies": studies, "cache": cache, "tmp": tmp, "t1": t1}
+    finally:
+        settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_APP_CONF = saved
+
+
+def infer(client, study, params=None, as_json=False, **query):
+    q = {"image": study, **query} if study else query
+    if as_json:
+        return client.post("/infer/hlip_findings", params=q, json=params or {})
+    return client.post("/infer/hlip_findings", params=q, data={"params": json.dumps(params or {})})
+
+
+# -- what the server answers ------------------------------------------------------------------------
+
+
+def test_info_lists_the_findings_model(server):
+    info = server["client"].get("/info/").json()
+    model = info["models"]["hlip_findings"]
+    assert model["type"] == "hlip_findings" and model["dimension"] == 3 and "study" in model["description"]
+    assert model["labels"][:2] == ["intracranial hemorrhage", "acute infarct"]  # the default findings
+    assert info["datastore"]["studies"] == 4
+
+
+def test_findings_for_a_study_or_any_of_its_images(server):
+    client = server["client"]
+    by_study = infer(client, "dicom1", {"findings": FINDINGS})
+    assert by_study.status_code == 200 and by_study.headers["content-type"] == "application/json"
+    answer = by_study.json()
+    assert answer["study_id"] == "dicom1" and answer["elapsed_ms"] > 0
+    assert [f["finding"] for f in answer["findings"]] == FINDINGS
+    for f in answer["findings"]:
+        assert 0 <= f["probability"] <= 1 and -2 <= f["score"] <= 2
+        assert f["image_id"] in ("1.2.826.0.1.7.1.1", "1.2.826.0.1.7.1.2") and f["scan_description"] in ("T1 axial", "T2 axial")
+    by_image = infer(client, "1.2.826.0.1.7.1.2", {"findings": FINDINGS}, as_json=True)  # JSON body instead of the form
+    assert by_image.status_code == 200
+    assert [f["probability"] for f in by_image.json()["findings"]] == [f["probability"] for f in answer["findings"]]
+
+
+def test_default_findings_are_used_when_none_are_asked(server):
+    answer = infer(server["client"], "nifti2").json()
+    assert [f["finding"] for f in answer["findings"]] == server["service"].config.findings
+
+
+def test_a_repeated_request_is_answered_from_memory(server):
+    client = server["client"]
+    infer(client, "nifti1", {"findings": FINDINGS})
+    start = time.perf_counter()
+    again = infer(client, "nifti1", {"findings": FINDINGS})
+    assert again.status_code == 200 and time.perf_counter() - start < 0.1 and again.json()["elapsed_ms"] < 100
+
+
+def test_heat_maps_come_as_nifti_parts_in_the_driving_scans_geometry(server, tmp_path):
+    import SimpleITK as sitk
+
+    r = infer(server["client"], "nifti1", {"findings": FINDINGS, "heatmaps": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/form-data")
+    parts = parse_multipart(r.headers["content-type"], r.content)
+    assert list(parts) == ["result", "heatmap_0", "heatmap_1"]
+    result = json.loads(parts["result"][2])
+    for j, finding in enumerate(result["findings"]):
+        name = finding["heatmap"]
+        assert name == f"heatmap_{j}" and parts[name][0] == f"{name}.nii.gz"
+        heatmap = read_nifti_bytes(parts[name][2], tmp_path, f"{name}.nii.gz")
+        assert heatmap.GetPixelID() == sitk.sitkFloat32
+        scan = sitk.ReadImage(str(server["studies"] / "nifti1" / (finding["image_id"].split("__")[1] + ".nii.gz")))
+        assert same_geometry(heatmap, scan)
+        values = sitk.GetArrayFromImage(heatmap)
+        assert np.isfinite(values).all() and values.max() > 0
+
+
+def test_a_dicom_volume_downloads_in_the_geometry_of_its_heat_map(server, tmp_path):
+    client = server["client"]
+    volume = client.get("/datastore/image", params={"image": "1.2.826.0.1.7.1.1"})
+    assert volume.status_code == 200
+    image = read_nifti_bytes(volume.content, tmp_path, "volume.nii.gz")
+    assert image.GetSize()[2] == 12
+    r = infer(client, "dicom1", {"findings": ["mass effect"], "heatmaps": True})
+    parts = parse_multipart(r.headers["content-type"], r.content)
+    finding = json.loads(parts["result"][2])["findings"][0]
+    driving = client.get("/datastore/image", params={"image": finding["image_id"]})
+    assert same_geometry(read_nifti_bytes(parts["heatmap_0"][2], tmp_path), read_nifti_bytes(driving.content, tmp_path, "d.nii.gz"))
+    assert client.head("/datastore/image", params={"image": "1.2.826.0.1.7.1.1"}).status_code == 200
+
+
+def test_an_uploaded_study_is_scored_by_session(server, tmp_path):
+    client = server["client"]
+    paths = write_nifti_study(tmp_path / "upload", seed=9)
+    files = [("files", (p.name, p.read_bytes(), "application/gzip")) for p in paths]
+    created = client.put("/session/", files=files)
+    assert created.status_code == 200, created.text
+    session_id = created.json()["session_id"]
+    assert client.get(f"/session/{session_id}").status_code == 200  # MONAI Label's own session route still works
+    r = infer(client, None, {"findings": FINDINGS}, session_id=session_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["study_id"] == session_id and len(r.json()["findings"]) == 2
+
+
+def test_search_similar_and_the_list_of_studies(server):
+    client = server["client"]
+    studies = {s["study_id"]: s for s in client.get("/hlip/studies").json()["studies"]}
+    assert set(studies) == {"nifti1", "nifti2", "dicom1", "reportonly"}
+    assert [sc["image_id"] for sc in studies["dicom1"]["scans"]] == ["1.2.826.0.1.7.1.1", "1.2.826.0.1.7.1.2"]
+    assert studies["dicom1"]["scans"][0]["description"] == "T1 axial"
+    assert all(studies[s]["embedded"] for s in ("nifti1", "nifti2", "dicom1"))
+    assert studies["reportonly"]["embedded"] is False and studies["reportonly"]["error"]
+
+    found = client.get("/hlip/search", params={"text": "mass effect", "k": 10}).json()
+    assert found["query"] == "mass effect" and found["indexed"] == 3 and found["pending"] == 0
+    assert sorted(r["study_id"] for r in found["results"]) == ["dicom1", "nifti1", "nifti2"]
+    assert all(-1 <= r["score"] <= 1 and r["scans"] for r in found["results"])
+    scores = [r["score"] for r in found["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    similar = client.get("/hlip/similar", params={"study": "1.2.826.0.1.7.1.2", "k": 5}).json()  # an image id finds its study
+    assert similar["query"] == "dicom1" and sorted(r["study_id"] for r in similar["results"]) == ["nifti1", "nifti2"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    client, worker = server["client"], server["service"].worker
+    gate = threading.Event()
+    blocker = worker.submit(gate.wait)
+    while not worker.status()["busy"]:
+        time.sleep(0.01)
+    answers = []
+    waiting = [threading.Thread(target=lambda i=i: answers.append(infer(client, "nifti2", {"findings": [f"queued finding {i}"]})))
+               for i in range(MAX_QUEUE)]
+    for t in waiting:
+        t.start()
+    deadline = time.monotonic() + 10
+    while worker.status()["waiting"] < MAX_QUEUE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    start = time.perf_counter()
+    refused = infer(client, "nifti2", {"findings": ["one too many"]})
+    assert time.perf_counter() - start < 1.0
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    assert "queue is full" in refused.json()["detail"]
+    gate.set()
+    for t in waiting:
+        t.join(30)
+    assert blocker.result(5) is True and [a.status_code for a in answers] == [200] * MAX_QUEUE
+
+
+def test_info_answers_within_100_ms_while_the_model_runs(server):
+    client, worker = server["client"], server["service"].worker
+    many = [f"finding number {i}" for i in range(32)]
+    busy_latencies = []
+    for attempt in range(6):
+        request = threading.Thread(target=infer, args=(client, f"nifti{1 + attempt % 2}", {"findings": many, "heatmaps": True}))
+        request.start()
+        while request.is_alive():
+            start = time.perf_counter()
+            assert client.get("/info/").status_code == 200
+            latency = time.perf_counter() - start
+            if worker.status()["busy"]:
+                busy_latencies.append(latency)
+            time.sleep(0.01)
+        if len(busy_latencies) >= 20:
+            break
+    assert len(busy_latencies) >= 20, f"only {len(busy_latencies)} /info/ calls overlapped an inference"
+    assert max(busy_latencies) < 0.1, f"/info/ took {max(busy_latencies) * 1000:.0f} ms while the model ran"
+
+
+# -- what the server refuses ------------------------------------------------------------------------
+
+
+def _form(params: str) -> dict:
+    return {"data": {"params": params}}
+
+
+ERRORS = [
+    ("post", "/infer/nope?image=nifti1", {}, 404, "unknown model 'nope'"),
+    ("post", "/infer/hlip_findings?image=missing", {}, 404, "no study or image with id 'missing'"),
+    ("post", "/infer/hlip_findings?image=../secret", {}, 400, "ids are plain names"),
+    ("post", "/infer/hlip_findings?image=nifti1/scan0.nii.gz", {}, 400, "ids are plain names"),
+    ("post", "/infer/hlip_findings?image=..", {}, 400, "contains '..'"),
+    ("post", "/infer/hlip_findings?session_id=../../etc", {}, 400, "ids are plain names"),
+    ("post", "/infer/hlip_findings?session_id=nope", {}, 404, "no upload session 'nope'"),
+    ("post", "/infer/hlip_findings", {}, 400, "give exactly one of image="),
+    ("post", "/infer/hlip_findings?image=nifti1&session_id=x", {}, 400, "give exactly one of image="),
+    ("post", "/infer/hlip_findings?image=nifti1", _form('{"findings": ["mass effect", "  "]}'), 400, "finding 1 is empty"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form(json.dumps({"findings": ["x" * 301]})), 400, "the limit is 300"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form(json.dumps({"findings": ["f"] * 33})), 400, "at most 32"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form('{"findings": []}'), 400, "no findings given"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form('{"findings": 7}'), 400, "must be a list of strings"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form('{"findings": ["a"], "heatmaps": "yes"}'), 400, "heatmaps must be true or false"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form("{not json"), 400, "params is not valid JSON"),
+    ("post", "/infer/hlip_findings?image=nifti1", _form("[1, 2]"), 400, "params must be a JSON object"),
+    ("post", "/infer/hlip_findings?image=nifti1&output=image", {}, 400, "output='image' is not offered"),
+    ("post", "/infer/hlip_findings?image=nifti1", {"files": {"file": ("a.nii.gz", b"x")}}, 400, "PUT /session/"),
+    ("post", "/infer/hlip_findings?image=nifti1", {"content": b"findings", "headers": {"content-type": "text/plain"}}, 415, "not as text/plain"),
+    ("post", "/infer/hlip_findings?image=reportonly", _form('{"findings": ["a"]}'), 422, "no usable scan"),
+    ("get", "/hlip/search?text=", {}, 400, "the search text is empty"),
+    ("get", "/hlip/search?text=" + "w" * 301, {}, 400, "the limit is 300"),
+    ("get", "/hlip/search?text=mass&k=0", {}, 400, "k must be between 1 and 100"),
+    ("get", "/hlip/search?text=mass&k=many", {}, 422, "k:"),
+    ("get", "/hlip/search", {}, 422, "text: Field required"),
+    ("get", "/hlip/similar?study=missing", {}, 404, "no study or image with id 'missing'"),
+    ("get", "/hlip/similar?study=../secret", {}, 400, "ids are plain names"),
+    ("get", "/hlip/similar?study=reportonly", {}, 422, "has no embedding"),
+    ("get", "/datastore/image?image=../secret.nii.gz", {}, 400, "ids are plain names"),
+    ("get", "/datastore/image?image=%2E%2E%2Fsecret", {}, 400, "ids are plain names"),
+    ("get", "/datastore/image?image=missing", {}, 404, "no image with id 'missing'"),
+    ("get", "/session/%2E%2E", {}, 400, "contains '..'"),
+    ("put", "/session/", {"json": {"files": []}}, 400, "multipart/form-data"),
+    ("put", "/session/", {"files": {"other": ("a.nii.gz", b"x")}}, 400, "no files in the upload"),
+    ("put", "/session/", {"files": {"files": ("notes.txt", b"hello")}}, 400, "neither DICOM nor NIfTI"),
+    ("put", "/session/?uncompress=true", {"files": {"files": ("a.zip", b"not a zip")}}, 400, "uncompress=true needs one .zip"),
+    ("put", "/session/", {"files": {"files": ("big.nii.gz", b"\0" * (3 * 1024 * 1024))}}, 413, "max_upload_mb"),
+    ("put", "/datastore/image?image=new", {"files": {"file": ("new.nii.gz", b"x")}}, 405, "read-only"),
+]
+
+
+@pytest.mark.parametrize("method, url, kwargs, status, words", ERRORS, ids=[f"{e[0]} {e[1][:60]} -> {e[3]}" for e in ERRORS])
+def test_errors_are_json_answers_in_words(server, method, url, kwargs, status, words):
+    r = getattr(server["client"], method)(url, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and words in detail and "Traceback" not in detail
+
+
+def test_attacks_touch_no_file_outside_the_datastore_and_the_cache(server, tmp_path):
+    client, studies, cache, tmp = server["client"], server["studies"], server["cache"], server["tmp"]
+    before = {p: p.stat().st_mtime_ns for p in studies.rglob("*")}
+    AUDIT.events.clear()
+    AUDIT.active = True
+    try:
+        for method, url, kwargs, _, _ in ERRORS:
+            getattr(client, method)(url, **kwargs)
+        infer(client, "nifti2", {"findings": ["a finding never asked before"], "heatmaps": True})
+        paths = write_nifti_study(tmp_path / "up", n_scans=1, seed=4)
+        client.put("/session/", files=[("files", (paths[0].name, paths[0].read_bytes(), "application/gzip"))])
+    finally:
+        AUDIT.active = False
+    roots = [str(studies), str(cache), sys.prefix, sys.base_prefix, str(Path(__file__).parent.parent), "/proc", "/sys", "/dev", str(tmp_path)]
+    outside = [(p, w) for p, w in AUDIT.events if not p.startswith(tuple(roots))]
+    assert not outside, f"files outside the datastore and the cache: {outside[:10]}"
+    assert not [p for p, _ in AUDIT.events if "secret" in p], "a crafted id reached a file outside the datastore"
+    written = [p for p, w in AUDIT.events if w and not p.startswith((str(cache), str(tmp_path))) and "__pycache__" not in p]
+    assert not written, f"written outside the cache: {written[:10]}"
+    assert len([p for p, w in AUDIT.events if w and p.startswith(str(cache))]) > 3  # the audit did see the server's own writes
+    assert {p: p.stat().st_mtime_ns for p in studies.rglob("*")} == before, "the studies folder was modified"
