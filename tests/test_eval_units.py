@@ -16,6 +16,7 @@ from hlip_core.eval.metrics import (
     recall_at_k,
     roc_png,
 )
+from realdata import ct_rate_labels_csv
 
 
 def test_metrics_equal_scikit_learn():
@@ -94,9 +95,8 @@ def test_retrieval_of_100000_studies_finds_the_nearest_neighbour(tmp_path):
 def test_prompt_sets_match_the_public_label_files():
     assert set(benchmark_names()) >= {"ct-rate", "rad-chestct", "pub-brain-5", "cq500", "rsna-ich"}
     import csv
-    from pathlib import Path
 
-    labels = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-rate-labels" / "valid_labels.csv"
+    labels = ct_rate_labels_csv()
     header = next(csv.reader(open(labels)))
     ct = load_prompt_set("ct-rate")
     assert [f.column for f in ct.findings] == header[1:]

@@ -87,26 +87,29 @@ def bootstrap_auc(y: np.ndarray, s: np.ndarray, n_boot: int = 1000, seed: int = 
     return float(np.quantile(aucs, alpha / 2)), float(np.quantile(aucs, 1 - alpha / 2))
 
 
-def classification_table(labels: np.ndarray, scores: np.ndarray, names: list[str], thresholds: dict[str, float],
+def classification_table(labels: np.ndarray, scores: np.ndarray, names: list[str], thresholds: dict[str, float] | None,
                          n_boot: int = 1000, seed: int = 0) -> list[FindingRow]:
-    """Per-finding AUC (with bootstrap CI) and threshold metrics at the given (validation) thresholds."""
+    """Per-finding AUC (with bootstrap CI) and threshold metrics at the given (validation) thresholds;
+    with ``thresholds=None`` (no validation split) the threshold metrics are NaN."""
     rows = []
     for j, name in enumerate(names):
         y, s = labels[:, j].astype(float), scores[:, j]
         keep = ~np.isnan(y)
         y, s = y[keep].astype(int), s[keep]
-        thr = thresholds[name]
-        pred = (s >= thr).astype(int)
         both = len(np.unique(y)) == 2
         auc = float(roc_auc_score(y, s)) if both else float("nan")
         lo, hi = bootstrap_auc(y, s, n_boot, seed) if both and n_boot else (float("nan"), float("nan"))
-        rows.append(FindingRow(
-            name=name, n_pos=int(y.sum()), n=len(y), auc=auc, auc_low=lo, auc_high=hi, threshold=float(thr),
-            balanced_accuracy=float(balanced_accuracy_score(y, pred)) if both else float("nan"),
-            f1=float(f1_score(y, pred, zero_division=0)),
-            sensitivity=float(recall_score(y, pred, pos_label=1, zero_division=0)),
-            specificity=float(recall_score(y, pred, pos_label=0, zero_division=0)),
-        ))
+        nan = float("nan")
+        row = FindingRow(name=name, n_pos=int(y.sum()), n=len(y), auc=auc, auc_low=lo, auc_high=hi, threshold=nan,
+                         balanced_accuracy=nan, f1=nan, sensitivity=nan, specificity=nan)
+        if thresholds is not None:
+            row.threshold = float(thresholds[name])
+            pred = (s >= row.threshold).astype(int)
+            row.balanced_accuracy = float(balanced_accuracy_score(y, pred)) if both else nan
+            row.f1 = float(f1_score(y, pred, zero_division=0))
+            row.sensitivity = float(recall_score(y, pred, pos_label=1, zero_division=0))
+            row.specificity = float(recall_score(y, pred, pos_label=0, zero_division=0))
+        rows.append(row)
     return rows
 
 
@@ -115,13 +118,23 @@ def format_table(rows: list[FindingRow], title: str = "") -> str:
     head = f"{'finding':<36} {'n+/n':>9} {'AUC':>6} {'95% CI':>13} {'BACC':>6} {'F1':>6} {'sens':>6} {'spec':>6}"
     lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.name[:36]:<36} {f'{r.n_pos}/{r.n}':>9} {r.auc:6.3f} {f'{r.auc_low:.3f}-{r.auc_high:.3f}':>13} "
-                     f"{r.balanced_accuracy:6.3f} {r.f1:6.3f} {r.sensitivity:6.3f} {r.specificity:6.3f}")
-    m = lambda attr: float(np.nanmean([getattr(r, attr) for r in rows])) if rows else float("nan")  # noqa: E731
+        ci = f"{r.auc_low:.3f}-{r.auc_high:.3f}" if not np.isnan(r.auc_low) else "-"
+        lines.append(f"{r.name[:36]:<36} {f'{r.n_pos}/{r.n}':>9} {_num(r.auc)} {ci:>13} "
+                     f"{_num(r.balanced_accuracy)} {_num(r.f1)} {_num(r.sensitivity)} {_num(r.specificity)}")
     lines.append("-" * len(head))
-    lines.append(f"{'macro':<36} {'':>9} {m('auc'):6.3f} {'':>13} {m('balanced_accuracy'):6.3f} {m('f1'):6.3f} "
-                 f"{m('sensitivity'):6.3f} {m('specificity'):6.3f}")
+    lines.append(f"{'macro':<36} {'':>9} {_num(_mean(rows, 'auc'))} {'':>13} {_num(_mean(rows, 'balanced_accuracy'))} "
+                 f"{_num(_mean(rows, 'f1'))} {_num(_mean(rows, 'sensitivity'))} {_num(_mean(rows, 'specificity'))}")
     return "\n".join(lines)
+
+
+def _mean(rows: list[FindingRow], attr: str) -> float:
+    vals = [getattr(r, attr) for r in rows if not np.isnan(getattr(r, attr))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _num(x: float) -> str:
+    """A metric in a 6-wide column; '-' where it is not defined (no validation split, one class)."""
+    return f"{x:6.3f}" if not np.isnan(x) else f"{'-':>6}"
 
 
 def roc_png(labels: np.ndarray, scores: np.ndarray, names: list[str], path: str | Path, title: str = "") -> Path:
