@@ -114,3 +114,28 @@ def test_free_text_findings_are_checked():
         findings_from_text(["x" * 301])
     with pytest.raises(KeyError, match="unknown prompt set"):
         load_prompt_set("mimic")
+
+
+def test_approximate_search_finds_what_exact_search_finds_reading_a_fraction(tmp_path):
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((200, 64)).astype(np.float32)
+    emb = centers[rng.integers(0, 200, 50_000)] + 0.4 * rng.standard_normal((50_000, 64)).astype(np.float32)
+    ids = [f"s{i}" for i in range(len(emb))]
+    index = EmbeddingIndex.build(emb, ids)
+    with pytest.raises(ValueError, match="build_ivf"):
+        index.search(emb[:1], k=10, nprobe=4)
+    index.build_ivf(lists=200, seed=0)
+    index.save(tmp_path / "index")
+    index = EmbeddingIndex.load(tmp_path / "index")
+    assert index.ivf is not None and index.ivf["offsets"][-1] == len(emb)
+    queries = emb[rng.integers(0, len(emb), 30)] + 0.1 * rng.standard_normal((30, 64)).astype(np.float32)
+    exact = index.search(queries, k=10)
+    approx = index.search(queries, k=10, nprobe=8)
+    recall = np.mean([len({a for a, _ in x} & {e for e, _ in y}) / 10 for x, y in zip(approx, exact)])
+    assert recall >= 0.9, f"recall@10 of the approximate search {recall:.2f}"
+    sizes = np.diff(index.ivf["offsets"])
+    assert np.sort(sizes)[-8:].sum() < 0.2 * len(emb)  # 8 lists are a small part of the index
+    assert index.search(queries[:1], k=3, nprobe=8, exclude=[approx[0][0][0]])[0][0][0] != approx[0][0][0]
+    # saving the index without lists removes stale ones
+    EmbeddingIndex.build(emb[:100], ids[:100]).save(tmp_path / "index")
+    assert EmbeddingIndex.load(tmp_path / "index").ivf is None
