@@ -1,0 +1,862 @@
+"""SlicerHLIP: ask a CT/MRI study in free text and see the findings, with an HLIP MONAI Label server.
+
+The module is two layers. ``SlicerHLIPLib`` (plain Python, no slicer/qt/vtk) talks to the server,
+parses answers, remembers settings and decides what to send; this file only turns volume nodes
+into NIfTI files and answers into nodes (a findings table, heat-map volumes), and wires the panel.
+Every request runs on a worker thread; the panel polls it with a QTimer, so the GUI never waits
+for the network (only for writing a volume file or reading one heat map).
+"""
+import logging
+import os
+import shutil
+import tempfile
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer before 5.4
+    def _(text):
+        return text
+
+from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, HLIPError,
+                           LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, load_regions,
+                           normalize_url, parse_findings_text, plan_question, read_header, region_named, table_rows)
+from SlicerHLIPLib.findings import findings_text
+
+HOMEPAGE = "https://github.com/hlip-slicer/SlicerHLIP#readme"
+HEATMAP_ATTRIBUTE = "HLIP.heatmap"
+SERVER_STUDY_ATTRIBUTE = "HLIP.serverStudy"
+SERVER_IMAGE_ATTRIBUTE = "HLIP.serverImage"
+SERVER_STUDY_IMAGES_ATTRIBUTE = "HLIP.serverStudyImages"
+WARM_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeWarm1")
+POLL_MS = 100
+
+
+#
+# SlicerHLIP
+#
+
+
+class SlicerHLIP(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("HLIP Study Findings")
+        self.parent.categories = [_("Informatics")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["HLIP project developers"]
+        self.parent.helpText = _(
+            "Ask a CT or MRI study in free text ('midline shift', 'pleural effusion') and see, for each finding, "
+            "a probability, the scan that drives it, and a heat map over that scan. Search the server's studies by text. "
+            "Needs an HLIP server (MONAI Label with the HLIP app), started with one command. "
+            "The probabilities come from a zero-shot language-image model: they rank and point, they are not diagnoses. "
+            f'See the <a href="{HOMEPAGE}">extension\'s documentation</a>.')
+        self.parent.acknowledgementText = _(
+            "The model follows 'Towards Scalable Language-Image Pre-training for 3D Medical Imaging' (HLIP; Zhao et al., 2025). "
+            "The server is built on MONAI Label (Project MONAI). The module layout follows 3D Slicer's scripted module template "
+            "and the SlicerTotalSegmentator and SlicerMONAIAuto3DSeg extensions.")
+
+
+class QSettingsStore:
+    """SlicerHLIPLib's settings store on Slicer's application settings."""
+
+    def value(self, key, default=None):
+        value = qt.QSettings().value(key)
+        return default if value is None else value
+
+    def set_value(self, key, value):
+        qt.QSettings().setValue(key, value)
+
+
+#
+# SlicerHLIPWidget
+#
+
+
+class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Wiring only: reads the panel, calls the logic, shows results and errors."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._task = None
+        self._onTaskDone = None
+        self._timer = None
+        self._volumesTimer = None
+        self._listedVolumeIDs = set()  # node ids in the volume list, so that new ones get the default check
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerHLIP.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SlicerHLIPLogic()
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self._pollTask)
+        self._volumesTimer = qt.QTimer()  # one refresh of the volume list for a burst of scene changes
+        self._volumesTimer.setSingleShot(True)
+        self._volumesTimer.setInterval(200)
+        self._volumesTimer.connect("timeout()", self.refreshVolumes)
+
+        settings = self.logic.settings
+        self.ui.serverUrlComboBox.addItems(settings.recent_server_urls or [settings.server_url])
+        self.ui.serverUrlComboBox.setCurrentText(settings.server_url)
+        self.ui.loginFrame.hide()
+        for region in self.logic.regions:
+            self.ui.regionComboBox.addItem(region.name)
+        if settings.region:
+            self.ui.regionComboBox.setCurrentText(settings.region)
+        self.ui.findingsTextEdit.setPlainText(settings.findings_text or findings_text(self.logic.regions[0].findings))
+        self.ui.probabilityThresholdSliderWidget.value = settings.probability_threshold
+        self.ui.heatmapOpacitySliderWidget.value = settings.heatmap_opacity
+        self.ui.heatmapThresholdSliderWidget.value = settings.heatmap_threshold
+        self.ui.searchResultsTableWidget.setColumnCount(3)
+        self.ui.searchResultsTableWidget.setHorizontalHeaderLabels([_("Study"), _("Score"), _("Scans")])
+        self.ui.searchResultsTableWidget.horizontalHeader().setStretchLastSection(True)
+        self.ui.progressBar.setRange(0, 1000)
+
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.loginButton.connect("clicked(bool)", self.onLogin)
+        self.ui.passwordLineEdit.connect("returnPressed()", self.onLogin)
+        self.ui.refreshVolumesButton.connect("clicked(bool)", self.refreshVolumes)
+        self.ui.refreshServerStudiesButton.connect("clicked(bool)", self.onListServerStudies)
+        self.ui.loadServerStudyButton.connect("clicked(bool)", self.onLoadServerStudy)
+        self.ui.useRegionDefaultsButton.connect("clicked(bool)", self.onUseRegionDefaults)
+        self.ui.regionComboBox.connect("currentTextChanged(QString)", self.onRegionChanged)
+        self.ui.findingsTextEdit.connect("textChanged()", self.onFindingsTextChanged)
+        self.ui.askButton.connect("clicked(bool)", self.onAsk)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.findingsTableView.connect("selectionChanged()", self.onFindingSelected)
+        self.ui.probabilityThresholdSliderWidget.connect("valueChanged(double)", self.onProbabilityThresholdChanged)
+        self.ui.heatmapOpacitySliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapThresholdSliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
+        self.ui.volumeRenderingCheckBox.connect("toggled(bool)", self.onHeatmapDisplayChanged)
+        self.ui.searchButton.connect("clicked(bool)", self.onSearch)
+        self.ui.searchLineEdit.connect("returnPressed()", self.onSearch)
+        self.ui.loadSearchResultButton.connect("clicked(bool)", self.onLoadSearchResult)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.refreshVolumes()
+        self._setBusy(False)
+
+    def cleanup(self):
+        if self._task is not None and not self._task.done:
+            self._task.cancel()
+        for timer in (self._timer, self._volumesTimer):
+            if timer is not None:
+                timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
+
+    # -- background tasks --------------------------------------------------------------------------
+
+    def _run(self, task, onDone, startMessage):
+        if self._task is not None and not self._task.done:
+            slicer.util.warningDisplay(_("Wait for the current request to finish, or cancel it."))
+            return
+        self._task, self._onTaskDone = task, onDone
+        self.ui.statusLabel.text = startMessage
+        self._setBusy(True)
+        task.start()
+        self._timer.start()
+
+    def _pollTask(self):
+        task = self._task
+        if task is None:
+            self._timer.stop()
+            return
+        fraction, message = task.progress.snapshot()
+        if fraction is None:
+            self.ui.progressBar.setRange(0, 0)  # an indeterminate bar while the server works
+        else:
+            self.ui.progressBar.setRange(0, 1000)
+            self.ui.progressBar.value = int(1000 * fraction)
+        if message:
+            self.ui.statusLabel.text = message
+        if not task.done:
+            return
+        self._timer.stop()
+        self._setBusy(False)
+        onDone, self._task, self._onTaskDone = self._onTaskDone, None, None
+        try:
+            value = task.result()
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled.")
+            return
+        except BaseException as e:
+            self._showError(e)
+            return
+        try:
+            onDone(value)
+        except BaseException as e:
+            self._showError(e)
+
+    def _setBusy(self, busy):
+        self.ui.cancelButton.enabled = busy
+        for button in (self.ui.connectButton, self.ui.loginButton, self.ui.askButton, self.ui.searchButton,
+                       self.ui.loadServerStudyButton, self.ui.loadSearchResultButton, self.ui.refreshServerStudiesButton):
+            button.enabled = not busy
+        if not busy:
+            self.ui.progressBar.setRange(0, 1000)
+
+    def _showError(self, error):
+        if isinstance(error, AuthenticationRequired):
+            self.ui.loginFrame.show()
+            self.ui.serverStatusLabel.text = str(error)
+            self.ui.usernameLineEdit.setFocus()
+            return
+        if isinstance(error, HLIPError):
+            logging.warning("SlicerHLIP: %s (%s)", error, error.detail)
+            self.ui.statusLabel.text = str(error)
+            slicer.util.errorDisplay(str(error), detailedText=error.detail or None)
+        elif isinstance(error, ValueError):  # input the user can fix
+            self.ui.statusLabel.text = str(error)
+            slicer.util.warningDisplay(str(error))
+        else:
+            logging.exception("SlicerHLIP failed", exc_info=error)
+            slicer.util.errorDisplay(_("SlicerHLIP failed: ") + str(error))
+
+    def onCancel(self):
+        if self._task is not None:
+            self._task.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+
+    # -- server --------------------------------------------------------------------------------------
+
+    def onConnect(self):
+        try:
+            task = self.logic.connectTask(self.ui.serverUrlComboBox.currentText)
+        except ValueError as e:
+            self._showError(e)
+            return
+        self.ui.serverStatusLabel.text = _("Connecting...")
+        self._run(task, self._onConnected, _("Connecting to the server..."))
+
+    def _onConnected(self, info):
+        self.ui.loginFrame.hide()
+        self.ui.passwordLineEdit.clear()
+        if self.ui.serverUrlComboBox.findText(info.url) < 0:
+            self.ui.serverUrlComboBox.insertItem(0, info.url)
+        studies = info.datastore.get("studies", info.datastore.get("total", "?"))
+        self.ui.serverStatusLabel.text = _(f"Connected to {info.name} {info.version}: model '{info.model}', "
+                                           f"{len(info.default_findings)} default findings, {studies} studies in its datastore.")
+        self.ui.statusLabel.text = ""
+        if not self.ui.findingsTextEdit.toPlainText().strip() and info.default_findings:
+            self.ui.findingsTextEdit.setPlainText(findings_text(info.default_findings))
+        self.onListServerStudies()
+
+    def onLogin(self):
+        try:
+            task = self.logic.loginTask(self.ui.usernameLineEdit.text, self.ui.passwordLineEdit.text)
+        except ValueError as e:
+            self._showError(e)
+            return
+        self._run(task, self._onConnected, _("Logging in..."))
+
+    def onListServerStudies(self):
+        try:
+            task = self.logic.studiesTask()
+        except ValueError as e:
+            self._showError(e)
+            return
+        self._run(task, self._onServerStudies, _("Listing the server's studies..."))
+
+    def _onServerStudies(self, studies):
+        self.ui.serverStudyComboBox.clear()
+        for study in studies:
+            self.ui.serverStudyComboBox.addItem(f"{study.study_id} ({len(study.scans)} scans)", study.study_id)
+        self.ui.statusLabel.text = _(f"{len(studies)} studies on the server.")
+
+    def onLoadServerStudy(self):
+        self._loadServerStudy(self.ui.serverStudyComboBox.currentData)
+
+    def _loadServerStudy(self, studyId):
+        if not studyId:
+            slicer.util.warningDisplay(_("Choose a study first."))
+            return
+        try:
+            task = self.logic.downloadStudyTask(studyId)
+        except ValueError as e:
+            self._showError(e)
+            return
+        self._run(task, lambda scans: self._onStudyDownloaded(studyId, scans), _(f"Downloading study {studyId}..."))
+
+    def _onStudyDownloaded(self, studyId, scans):
+        nodes = self.logic.loadDownloadedStudy(studyId, scans)
+        self.refreshVolumes()
+        self.ui.statusLabel.text = _(f"Loaded {len(nodes)} volumes of study {studyId}.")
+
+    # -- volumes -------------------------------------------------------------------------------------
+
+    def onSceneNodesChanged(self, caller=None, event=None):
+        self._volumesTimer.start()  # after the scene has finished adding or removing
+
+    def onSceneEndClose(self, caller=None, event=None):
+        self.logic.forgetAnswer()
+        self.refreshVolumes()
+
+    def refreshVolumes(self):
+        if self.logic is None:
+            return
+        volumes = self.logic.sceneVolumes()
+        default = set(self.logic.defaultSelection(volumes))
+        if self._listedVolumeIDs:  # keep the user's choice; volumes new to the list follow the default rule
+            checked = set(self._checkedVolumeIDs()) | {k for k in default if k not in self._listedVolumeIDs}
+        else:
+            checked = default
+        self.ui.volumesListWidget.clear()
+        self._listedVolumeIDs = set()
+        for volume in volumes:
+            text = volume.name + (f"  [{volume.modality}]" if volume.modality else "")
+            item = qt.QListWidgetItem(text)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if volume.key in checked else qt.Qt.Unchecked)
+            item.setData(qt.Qt.UserRole, volume.key)
+            self.ui.volumesListWidget.addItem(item)
+            self._listedVolumeIDs.add(volume.key)
+
+    def _checkedVolumeIDs(self):
+        out = []
+        for row in range(self.ui.volumesListWidget.count):
+            item = self.ui.volumesListWidget.item(row)
+            if item.checkState() == qt.Qt.Checked:
+                out.append(item.data(qt.Qt.UserRole))
+        return out
+
+    # -- ask -------------------------------------------------------------------------------------------
+
+    def onRegionChanged(self, name):
+        self.logic.settings.region = name
+
+    def onUseRegionDefaults(self):
+        region = region_named(self.ui.regionComboBox.currentText, self.logic.regions)
+        self.ui.findingsTextEdit.setPlainText(findings_text(region.findings))
+
+    def onFindingsTextChanged(self):
+        self.logic.settings.findings_text = self.ui.findingsTextEdit.toPlainText()
+
+    def onAsk(self):
+        try:
+            findings = parse_findings_text(self.ui.findingsTextEdit.toPlainText(), self.logic.maxFindings())
+            task = self.logic.startQuestion(self._checkedVolumeIDs(), findings, heatmaps=self.ui.heatmapsCheckBox.checked,
+                                            regionName=self.ui.regionComboBox.currentText)
+        except (ValueError, HLIPError) as e:
+            self._showError(e)
+            return
+        self._run(task, self._onAnswer, _("Sending the study..."))
+
+    def _onAnswer(self, answer):
+        table = self.logic.showAnswer(answer, self.ui.probabilityThresholdSliderWidget.value)
+        self.ui.findingsTableView.setMRMLTableNode(table)
+        self.ui.resultsCollapsibleButton.collapsed = False
+        result = answer.result
+        flagged = [r.finding for r in result.rows if r.probability >= self.ui.probabilityThresholdSliderWidget.value]
+        text = _(f"{len(result.rows)} findings in {result.seconds:.1f} s; {len(flagged)} at or above the flag threshold.")
+        if result.skipped:
+            text += " " + _(f"The server skipped {len(result.skipped)} series: ") + "; ".join(result.skipped[:3])
+        self.ui.statusLabel.text = text
+        if result.rows:
+            self.ui.findingsTableView.selectRow(0)
+
+    # -- results ---------------------------------------------------------------------------------------
+
+    def _selectedFindingRow(self):
+        view = self.ui.findingsTableView
+        selected = view.selectionModel().selectedRows() if view.selectionModel() else []
+        if not selected:
+            return None
+        return view.sortFilterProxyModel().mapToSource(selected[0]).row()  # the table may be sorted
+
+    def onFindingSelected(self):
+        self.onHeatmapDisplayChanged()
+
+    def onHeatmapDisplayChanged(self, *args):
+        settings = self.logic.settings
+        settings.heatmap_opacity = self.ui.heatmapOpacitySliderWidget.value
+        settings.heatmap_threshold = self.ui.heatmapThresholdSliderWidget.value
+        row = self._selectedFindingRow()
+        if row is None:
+            return
+        try:
+            node = self.logic.showHeatmap(row, self.ui.heatmapOpacitySliderWidget.value, self.ui.heatmapThresholdSliderWidget.value,
+                                          self.ui.volumeRenderingCheckBox.checked)
+        except BaseException as e:
+            self._showError(e)
+            return
+        if node is None:
+            self.ui.statusLabel.text = _("No heat map for this finding (ask with 'Heat map per finding' checked).")
+
+    def onProbabilityThresholdChanged(self, value):
+        self.logic.settings.probability_threshold = value
+        self.logic.updateFlags(value)
+
+    # -- search -----------------------------------------------------------------------------------------
+
+    def onSearch(self):
+        try:
+            task = self.logic.searchTask(self.ui.searchLineEdit.text, self.ui.searchCountSpinBox.value)
+        except ValueError as e:
+            self._showError(e)
+            return
+        self._run(task, self._onSearchResult, _("Searching..."))
+
+    def _onSearchResult(self, result):
+        table = self.ui.searchResultsTableWidget
+        table.setRowCount(len(result.hits))
+        for row, hit in enumerate(result.hits):
+            table.setItem(row, 0, qt.QTableWidgetItem(hit.study_id))
+            table.setItem(row, 1, qt.QTableWidgetItem(f"{hit.score:.3f}"))
+            table.setItem(row, 2, qt.QTableWidgetItem(", ".join(sc.description or sc.image_id for sc in hit.scans)))
+        note = _(f" ({result.pending} studies not indexed yet)") if result.pending else ""
+        self.ui.statusLabel.text = _(f"{len(result.hits)} studies match '{result.query}'") + note + "."
+
+    def onLoadSearchResult(self):
+        rows = self.ui.searchResultsTableWidget.selectionModel().selectedRows()
+        if not rows:
+            slicer.util.warningDisplay(_("Select a study in the search results first."))
+            return
+        self._loadServerStudy(self.ui.searchResultsTableWidget.item(rows[0].row(), 0).text())
+
+
+#
+# SlicerHLIPLogic
+#
+
+
+class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
+    """Nodes to files and answers to nodes; the network work is handed to SlicerHLIPLib and run as
+    BackgroundTasks (started by the caller). Methods that touch the scene run on the main thread."""
+
+    def __init__(self, settingsStore=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.settings = RememberedSettings(settingsStore if settingsStore is not None else QSettingsStore())
+        self.regions = load_regions()
+        self.client = None
+        self.serverInfo = None
+        self.answer = None
+        self.tableNode = None
+        self.heatmapNodeIDs = {}  # finding row -> heat-map volume node id
+        self._workDir = None
+
+    def workDir(self):
+        if self._workDir is None or not os.path.isdir(self._workDir):
+            self._workDir = tempfile.mkdtemp(prefix="SlicerHLIP-")
+        return self._workDir
+
+    def cleanup(self):
+        if self._workDir:
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+
+    # -- server ------------------------------------------------------------------------------------
+
+    def connectTask(self, url):
+        """A BackgroundTask that connects (its value: ServerInfo). The URL is remembered."""
+        url = normalize_url(url)
+        token = self.client.token if self.client is not None and self.client.url == url else None
+        client = HLIPClient(url, token=token)
+        self.client, self.serverInfo = client, None
+        self.settings.server_url = client.url
+
+        def work(progress, cancel):
+            progress(None, _("Connecting to ") + client.url)
+            self.serverInfo = client.connect(cancel)
+            return self.serverInfo
+
+        return BackgroundTask(work, "SlicerHLIP connect")
+
+    def loginTask(self, username, password):
+        """Log in with MONAI Label's token route, then connect (value: ServerInfo)."""
+        client = self.requireClient(connected=False)
+        if not username or not password:
+            raise ValueError(_("Type the user name and the password."))
+
+        def work(progress, cancel):
+            progress(None, _("Logging in"))
+            client.login(username, password, cancel)
+            self.serverInfo = client.connect(cancel)
+            return self.serverInfo
+
+        return BackgroundTask(work, "SlicerHLIP login")
+
+    def requireClient(self, connected=True):
+        if self.client is None or (connected and self.serverInfo is None):
+            raise ValueError(_("Connect to an HLIP server first."))
+        return self.client
+
+    def maxFindings(self):
+        return self.serverInfo.max_findings if self.serverInfo else None
+
+    def studiesTask(self):
+        client = self.requireClient()
+        return BackgroundTask(lambda progress, cancel: client.studies(cancel), "SlicerHLIP studies")
+
+    def searchTask(self, text, k=10):
+        client = self.requireClient()
+        if not (text or "").strip():
+            raise ValueError(_("Type what to look for, e.g. 'hemorrhage with midline shift'."))
+        return BackgroundTask(lambda progress, cancel: client.search(text, int(k), cancel), "SlicerHLIP search")
+
+    def downloadStudyTask(self, studyId):
+        """Download every scan of a datastore study (value: [DownloadedScan])."""
+        client = self.requireClient()
+        folder = tempfile.mkdtemp(prefix="study-", dir=self.workDir())
+        return BackgroundTask(lambda progress, cancel: client.download_study(studyId, folder, progress, cancel), "SlicerHLIP download")
+
+    def loadDownloadedStudy(self, studyId, scans):
+        """Load downloaded scans as volume nodes that remember their server study and image."""
+        nodes = []
+        allImages = "\n".join(scan.image_id for scan in scans)
+        for scan in scans:
+            node = slicer.util.loadVolume(scan.path, {"name": scan.description or scan.image_id, "show": False})
+            node.SetAttribute(SERVER_STUDY_ATTRIBUTE, studyId)
+            node.SetAttribute(SERVER_IMAGE_ATTRIBUTE, scan.image_id)
+            node.SetAttribute(SERVER_STUDY_IMAGES_ATTRIBUTE, allImages)
+            nodes.append(node)
+        if nodes:
+            slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
+        return nodes
+
+    # -- volumes -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _firstInstanceUID(volumeNode):
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        return uids[0] if uids else None
+
+    @staticmethod
+    def studyInstanceUID(volumeNode):
+        """The DICOM StudyInstanceUID of a volume loaded from the DICOM database (None otherwise)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        item = shNode.GetItemByDataNode(volumeNode)
+        if item:
+            parent = shNode.GetItemParent(item)
+            uid = shNode.GetItemUID(parent, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMUIDName()) if parent else ""
+            if uid and shNode.GetItemLevel(parent) == slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy():
+                return uid
+        instance = SlicerHLIPLogic._firstInstanceUID(volumeNode)
+        if instance and slicer.dicomDatabase is not None:
+            return slicer.dicomDatabase.instanceValue(instance, "0020,000D") or None
+        return None
+
+    @staticmethod
+    def modalityOf(volumeNode):
+        instance = SlicerHLIPLogic._firstInstanceUID(volumeNode)
+        if instance and slicer.dicomDatabase is not None:
+            return slicer.dicomDatabase.instanceValue(instance, "0008,0060") or None
+        return None
+
+    def sceneVolumes(self):
+        """Scalar volumes of the scene (not label maps, not our heat maps) as LocalVolumes."""
+        out = []
+        for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+            if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(HEATMAP_ATTRIBUTE) or node.GetImageData() is None:
+                continue
+            images = node.GetAttribute(SERVER_STUDY_IMAGES_ATTRIBUTE)
+            out.append(LocalVolume(key=node.GetID(), name=node.GetName(), study_uid=self.studyInstanceUID(node),
+                                   modality=self.modalityOf(node), server_study=node.GetAttribute(SERVER_STUDY_ATTRIBUTE),
+                                   server_image=node.GetAttribute(SERVER_IMAGE_ATTRIBUTE),
+                                   server_study_images=tuple(images.split("\n")) if images else ()))
+        return out
+
+    @staticmethod
+    def activeVolumeID():
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return None
+        for name in layoutManager.sliceViewNames():
+            composite = layoutManager.sliceWidget(name).mrmlSliceCompositeNode()
+            if composite.GetBackgroundVolumeID():
+                return composite.GetBackgroundVolumeID()
+        return None
+
+    def defaultSelection(self, volumes):
+        return default_selection(volumes, self.activeVolumeID())
+
+    def writeVolume(self, volumeNode, path):
+        """Write a volume node to a NIfTI file with its geometry (a file write, on the main thread)."""
+        storage = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storage.SetFileName(str(path))
+            storage.UseCompressionOff()  # the fastest write; the client compresses for remote servers, off the GUI thread
+            if not storage.WriteData(volumeNode):
+                raise RuntimeError(_(f"Could not write volume '{volumeNode.GetName()}' to {path}"))
+        finally:
+            storage.UnRegister(None)
+        return str(path)
+
+    # -- ask -------------------------------------------------------------------------------------------
+
+    def startQuestion(self, nodeIDs, findings, heatmaps=True, regionName=None):
+        """Write the chosen volumes (when they must be uploaded) and return the BackgroundTask that
+        uploads and asks (value: SlicerHLIPLib Answer)."""
+        client = self.requireClient()
+        byKey = {v.key: v for v in self.sceneVolumes()}
+        chosen = [byKey[k] for k in nodeIDs if k in byKey]
+        if not chosen:
+            raise ValueError(_("Check the volumes of the study to ask about (or load a study from the server)."))
+        if regionName:
+            modality = region_named(regionName, self.regions).modality
+            for volume in chosen:
+                volume.modality = volume.modality or modality
+        question = plan_question(chosen)
+        folder = tempfile.mkdtemp(prefix="question-", dir=self.workDir())
+        files = {}
+        for i, volume in enumerate(question.uploads):
+            files[volume.key] = self.writeVolume(slicer.mrmlScene.GetNodeByID(volume.key), os.path.join(folder, f"scan{i:02d}.nii"))
+        outDir = os.path.join(folder, "heatmaps")
+
+        def work(progress, cancel):
+            return ask(client, findings, question, files, heatmaps=heatmaps, out_dir=outDir, progress=progress, cancel=cancel)
+
+        return BackgroundTask(work, "SlicerHLIP findings")
+
+    def forgetAnswer(self):
+        for nodeID in self.heatmapNodeIDs.values():
+            node = slicer.mrmlScene.GetNodeByID(nodeID)
+            if node is not None:
+                slicer.mrmlScene.RemoveNode(node)
+        self.heatmapNodeIDs = {}
+        self.answer = None
+
+    def findingsTableNode(self):
+        if self.tableNode is None or slicer.mrmlScene.GetNodeByID(self.tableNode.GetID()) is None:
+            self.tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "HLIP findings")
+        return self.tableNode
+
+    def showAnswer(self, answer, probabilityThreshold=0.5):
+        """Put an answer in the findings table node (heat maps are loaded when a row is shown)."""
+        self.forgetAnswer()
+        self.answer = answer
+        table = self.findingsTableNode()
+        self.updateFlags(probabilityThreshold)
+        return table
+
+    def updateFlags(self, probabilityThreshold):
+        """(Re)fill the table: one row per finding, in the question's order; flagged at or above the threshold."""
+        if self.answer is None:
+            return
+        rows = table_rows(self.answer.result, self.answer.scan_names, probabilityThreshold)
+        table = vtk.vtkTable()
+        for name, kind in TABLE_COLUMNS:
+            column = vtk.vtkDoubleArray() if kind == "double" else vtk.vtkStringArray()
+            column.SetName(name)
+            for row in rows:
+                column.InsertNextValue(row[name])
+            table.AddColumn(column)
+        tableNode = self.findingsTableNode()
+        tableNode.SetAndObserveTable(table)
+        tableNode.SetLocked(True)
+
+    def scanNodeOf(self, row):
+        key = self.answer.row_keys.get(row) if self.answer else None
+        return slicer.mrmlScene.GetNodeByID(key) if key else None
+
+    def heatmapNode(self, row):
+        """The heat-map volume of finding ``row`` (loaded from its file on first use), or None."""
+        if self.answer is None or row not in self.answer.result.heatmaps:
+            return None
+        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeIDs.get(row, "")) if row in self.heatmapNodeIDs else None
+        if node is not None:
+            return node
+        heatmap = self.answer.result.heatmaps[row]
+        node = slicer.util.loadVolume(heatmap.path, {"name": f"HLIP heat map: {heatmap.finding}", "show": False})
+        node.SetAttribute(HEATMAP_ATTRIBUTE, heatmap.finding)
+        scan = self.scanNodeOf(row)
+        if scan is not None:  # the file was written in the scan's local space: keep its transform
+            node.SetAndObserveTransformNodeID(scan.GetTransformNodeID())
+        self.heatmapNodeIDs[row] = node.GetID()
+        return node
+
+    @staticmethod
+    def warmColorNodeID():
+        for nodeID in WARM_COLOR_NODE_IDS:
+            if slicer.mrmlScene.GetNodeByID(nodeID) is not None:
+                return nodeID
+        return None
+
+    def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False):
+        """Show finding ``row``'s heat map over its scan: foreground layer, warm colours, values
+        below ``threshold`` transparent; optionally as volume rendering. Returns the node (or None)."""
+        node = self.heatmapNode(row)
+        if node is None:
+            return None
+        display = node.GetDisplayNode()
+        colorNodeID = self.warmColorNodeID()
+        if colorNodeID:
+            display.SetAndObserveColorNodeID(colorNodeID)
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)  # maps are scaled to 1 at their maximum
+        display.SetApplyThreshold(True)
+        display.SetLowerThreshold(threshold)
+        display.SetUpperThreshold(max(1.0, threshold) + 1e6)
+        scan = self.scanNodeOf(row)
+        slicer.util.setSliceViewerLayers(background=scan if scan is not None else "keep-current", foreground=node,
+                                         foregroundOpacity=opacity)
+        self._showVolumeRendering(node if volumeRendering else None, threshold)
+        return node
+
+    def _showVolumeRendering(self, node, threshold):
+        vrLogic = slicer.modules.volumerendering.logic()
+        for nodeID in self.heatmapNodeIDs.values():
+            other = slicer.mrmlScene.GetNodeByID(nodeID)
+            vr = vrLogic.GetFirstVolumeRenderingDisplayNode(other) if other is not None else None
+            if vr is not None and other is not node:
+                vr.SetVisibility(False)
+        if node is None:
+            return
+        vr = vrLogic.GetFirstVolumeRenderingDisplayNode(node) or vrLogic.CreateDefaultVolumeRenderingNodes(node)
+        volumeProperty = vr.GetVolumePropertyNode().GetVolumeProperty()
+        opacity = vtk.vtkPiecewiseFunction()
+        opacity.AddPoint(0.0, 0.0)
+        opacity.AddPoint(threshold, 0.0)
+        opacity.AddPoint(1.0, 0.6)
+        colors = vtk.vtkColorTransferFunction()
+        colors.AddRGBPoint(threshold, 0.6, 0.0, 0.0)
+        colors.AddRGBPoint(0.5 * (threshold + 1.0), 1.0, 0.45, 0.0)
+        colors.AddRGBPoint(1.0, 1.0, 1.0, 0.4)
+        volumeProperty.SetScalarOpacity(opacity)
+        volumeProperty.SetColor(colors)
+        vr.SetVisibility(True)
+
+
+#
+# SlicerHLIPTest
+#
+
+
+class SlicerHLIPTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Developer mode's Reload and Test, or ctest). The server round trip runs
+    when HLIP_SERVER_URL names a running HLIP server, e.g.
+    ``HLIP_SERVER_URL=http://127.0.0.1:8000 Slicer --python-code "..."``."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        self.tempDir = tempfile.mkdtemp(prefix="SlicerHLIPTest-")
+
+    def tearDown(self):
+        shutil.rmtree(self.tempDir, ignore_errors=True)
+
+    def runTest(self):
+        for test in (self.test_VolumeIsWrittenWithItsGeometry, self.test_AnswerBecomesTableAndHeatmap, self.test_ServerRoundTrip):
+            self.setUp()
+            try:
+                test()
+            finally:
+                self.tearDown()
+
+    def _sampleVolume(self):
+        import SampleData
+
+        return SampleData.downloadSample("MRHead")
+
+    @staticmethod
+    def _ijkToRas(volumeNode):
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+
+    def _assertSameGrid(self, header, volumeNode):
+        self.assertEqual(tuple(header.size), tuple(volumeNode.GetImageData().GetDimensions()))
+        expected = self._ijkToRas(volumeNode)
+        for r in range(3):
+            for c in range(4):
+                self.assertAlmostEqual(header.affine_ras[r][c], expected[r][c], places=3)
+
+    def _wait(self, task, seconds=900):
+        """Run a BackgroundTask to its end while Slicer keeps processing events."""
+        import time
+
+        task.start()
+        deadline = time.monotonic() + seconds
+        while not task.done:
+            self.assertLess(time.monotonic(), deadline, f"{task.name} took longer than {seconds} s")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        return task.result()
+
+    def test_VolumeIsWrittenWithItsGeometry(self):
+        self.delayDisplay("A volume node becomes a NIfTI file with its geometry")
+        volume = self._sampleVolume()
+        logic = SlicerHLIPLogic(MemorySettings())
+        path = logic.writeVolume(volume, os.path.join(self.tempDir, "volume.nii"))
+        self._assertSameGrid(read_header(path), volume)
+        self.assertEqual([v.key for v in logic.sceneVolumes()], [volume.GetID()])
+        self.assertEqual(logic.defaultSelection(logic.sceneVolumes()), [volume.GetID()])
+        self.delayDisplay("Test passed")
+
+    def test_AnswerBecomesTableAndHeatmap(self):
+        self.delayDisplay("An answer becomes a findings table and a heat-map overlay on its scan")
+        from SlicerHLIPLib import Answer, FindingRow, FindingsResult, HeatMap
+
+        volume = self._sampleVolume()
+        logic = SlicerHLIPLogic(MemorySettings())
+        # a heat map in the scan's geometry: the scan itself scaled to [0, 1], written as the server would
+        heat = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "heat")
+        array = slicer.util.arrayFromVolume(heat).astype("float32")
+        slicer.util.updateVolumeFromArray(heat, array / max(float(array.max()), 1.0))
+        path = logic.writeVolume(heat, os.path.join(self.tempDir, "heatmap_0.nii"))
+        slicer.mrmlScene.RemoveNode(heat)
+        rows = [FindingRow(0, "mass effect", 0.8, 0.1, "scan00", "scan00", "scan00.nii", "heatmap_0"),
+                FindingRow(1, "midline shift", 0.3, -0.05, "scan00", "scan00", "scan00.nii", None)]
+        result = FindingsResult("session", rows, {0: HeatMap("mass effect", path, read_header(path))}, [], 12.0, 0.5)
+        answer = Answer(result, {0: volume.GetID(), 1: volume.GetID()}, {"scan00.nii": volume.GetName()})
+        table = logic.showAnswer(answer, probabilityThreshold=0.5)
+        self.assertEqual(table.GetNumberOfRows(), 2)
+        self.assertEqual([table.GetColumnName(i) for i in range(table.GetNumberOfColumns())], [name for name, _ in TABLE_COLUMNS])
+        self.assertEqual(table.GetCellText(0, 3), volume.GetName())
+        self.assertEqual(table.GetCellText(0, 4), "above threshold")
+        self.assertEqual(table.GetCellText(1, 4), "")
+        node = logic.showHeatmap(0, opacity=0.4, threshold=0.3)
+        self.assertIsNotNone(node)
+        self._assertSameGrid(read_header(path), node)
+        self.assertEqual(self._ijkToRas(node), self._ijkToRas(volume))
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), node.GetID())
+        self.assertEqual(composite.GetBackgroundVolumeID(), volume.GetID())
+        self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
+        self.assertTrue(node.GetDisplayNode().GetApplyThreshold())
+        self.assertIsNone(logic.showHeatmap(1))  # asked without a heat map
+        logic.updateFlags(0.9)
+        self.assertEqual(logic.findingsTableNode().GetCellText(0, 4), "")
+        self.delayDisplay("Test passed")
+
+    def test_ServerRoundTrip(self):
+        url = os.environ.get("HLIP_SERVER_URL")
+        if not url:
+            self.delayDisplay("HLIP_SERVER_URL is not set: the server round trip was not run")
+            logging.warning("SlicerHLIPTest: set HLIP_SERVER_URL to a running HLIP server to test the round trip")
+            return
+        self.delayDisplay(f"Round trip with the HLIP server at {url}")
+        logic = SlicerHLIPLogic(MemorySettings())
+        info = self._wait(logic.connectTask(url))
+        self.assertTrue(info.model)
+        volume = self._sampleVolume()
+        second = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "MRHead copy")
+        findings = ["mass effect", "midline shift"]
+        answer = self._wait(logic.startQuestion([volume.GetID(), second.GetID()], findings, heatmaps=True, regionName="Brain MRI"))
+        self.assertEqual([r.finding for r in answer.result.rows], findings)
+        table = logic.showAnswer(answer)
+        self.assertEqual(table.GetNumberOfRows(), len(findings))
+        for row in range(len(findings)):
+            scan = logic.scanNodeOf(row)
+            self.assertIn(scan.GetID(), (volume.GetID(), second.GetID()))
+            heat = logic.showHeatmap(row)
+            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), scan)  # the file is in the scan's grid
+            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), heat)  # and so is the loaded node
+        found = self._wait(logic.searchTask("mass effect", 5))
+        self.assertLessEqual(len(found.hits), 5)
+        self.delayDisplay("Test passed")
