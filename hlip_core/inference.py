@@ -114,10 +114,7 @@ class StudyPredictor:
             raise NoUsableScanError(f"study {sid} has no usable scan ({reasons})")
         scans = []
         for scan_id, modality, description, image in scans_in:
-            array, transform = to_model_space(image, modality, self.settings)
-            array = np.asarray(array, dtype=np.float32)
-            if array.max() > 1.0:  # uint8 storage encodes [0, 1] as 0..255
-                array = array / 255.0
+            array, transform = to_model_space(image, modality, self.settings)  # float32 [D, H, W] in [0, 1]
             scans.append(PreparedScan(scan_id, modality, description, image, array, transform))
         return PreparedStudy(sid, scans, skipped)
 

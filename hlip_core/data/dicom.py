@@ -1,0 +1,778 @@
+"""DICOM: header-only reading, series selection, and volume assembly with SimpleITK's geometry.
+
+Headers are read with pydicom up to the pixel data (``stop_before_pixels``) and only the tags this
+module uses are decoded, so patient fields are never parsed. The byte offset of uncompressed pixel
+data is remembered, so that assembly reads the pixels with one ``numpy.fromfile`` per file instead
+of parsing each file again (measured: about twice as fast as pydicom's full read, see
+benchmarks/ingest.py). Compressed pixel data goes through pydicom, then SimpleITK (GDCM) if pydicom
+has no decoder for it.
+
+Geometry follows SimpleITK's ImageSeriesReader on the same files: the origin is the position of
+the first slice along the slice normal (the cross product of the row and column directions), the
+direction is (row, column, normal), and the slice spacing is the distance between the first and
+last slice positions divided by the number of slice steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .types import IngestOptions, Skipped
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+# SOP classes that are never volumes, by prefix (the class name is reported)
+NON_IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state (PR)",
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data / registration",
+    "1.2.840.10008.5.1.4.1.1.481.": "radiotherapy object (RT)",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.9.": "waveform",
+}
+NON_IMAGE_MODALITIES = {"SR": "structured report (SR)", "PR": "presentation state (PR)", "SEG": "segmentation (SEG)",
+                        "RTSTRUCT": "RT structure set (RTSTRUCT)", "RTPLAN": "RT plan", "RTDOSE": "RT dose",
+                        "KO": "key object selection (KO)", "REG": "registration (REG)", "DOC": "document"}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+LOCALIZER_WORDS = ("localizer", "localiser", "scout", "survey", "topogram", "scanogram", "tripilot",
+                   "tri-pilot", "3-plane", "3 plane", "3pl loc", "aahead_scout")
+
+# The tags decoded from each file. Patient module tags are deliberately absent.
+_TAGS = [
+    0x00020002, 0x00020003, 0x00020010,  # meta: media SOP class / instance, transfer syntax
+    0x00080008, 0x00080016, 0x00080018, 0x00080050, 0x00080060, 0x0008103E, 0x00081090, 0x00080070,
+    0x00180010, 0x00180015, 0x00180050, 0x00180060, 0x00180080, 0x00180081, 0x00180082, 0x00180086,
+    0x00180087, 0x00181314, 0x00180088, 0x00181210, 0x00181030, 0x00189087, 0x00189089, 0x00181060,
+    0x00180024, 0x00180020, 0x00180021, 0x00201002,
+    0x0020000D, 0x0020000E, 0x00200011, 0x00200012, 0x00200013, 0x00200032, 0x00200037, 0x00200100,
+    0x00200105, 0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280030, 0x00280100,
+    0x00280101, 0x00280103, 0x00281052, 0x00281053, 0x52009229, 0x52009230,
+]
+
+
+class HeaderError(Exception):
+    """A file whose header cannot be used: ``reason`` is a REASONS code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Instance:
+    """The facts of one DICOM file that ingestion uses (no patient data)."""
+
+    path: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    modality: str
+    series_number: int | None
+    description: str
+    image_type: tuple
+    instance_number: int | None
+    accession: str
+    transfer_syntax: str
+    rows: int | None = None
+    cols: int | None = None
+    frames: int = 1
+    samples: int = 1
+    bits_allocated: int = 16
+    bits_stored: int = 16
+    signed: bool = False
+    photometric: str = ""
+    # per frame: (position, orientation, slope, intercept, volume key); one entry for single-frame
+    positions: list = field(default_factory=list)
+    orientations: list = field(default_factory=list)
+    slopes: list = field(default_factory=list)
+    intercepts: list = field(default_factory=list)
+    volume_keys: list = field(default_factory=list)
+    pixel_spacing: tuple | None = None
+    # "native" (offset/length known), "encapsulated" (compressed), "other" (decode with pydicom),
+    # "short" (the file ends inside the pixel data), "none" (no pixel data element)
+    pixel_state: str = "none"
+    pixel_offset: int | None = None  # first byte of native pixel values
+    pixel_length: int | None = None
+    file_size: int = 0
+    facts: dict = field(default_factory=dict)
+
+
+def _num(value, cast=float):
+    try:
+        if value is None or value == "":
+            return None
+        return cast(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value, n: int):
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def looks_like_dicom(path: str) -> bool:
+    """True for a Part 10 file (DICM at byte 128) or a bare little-endian dataset starting with a
+    group 0x0002/0x0008 element (old exports without preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) >= 8:
+        group = int.from_bytes(head[0:2], "little")
+        element = int.from_bytes(head[2:4], "little")
+        return group in (0x0002, 0x0008) and element < 0x0200
+    return False
+
+
+def read_header(path: str) -> Instance:
+    """The header facts of one DICOM file, read without pixel data. Raises HeaderError."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if not looks_like_dicom(path):
+        raise HeaderError("not_dicom")
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warnings may quote element values
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True, specific_tags=_TAGS)
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
+            pixel_element = fh.read(12) if offset < size else b""
+            return _instance(path, ds, offset, size, pixel_element)
+    except HeaderError:
+        raise
+    except (InvalidDicomError, EOFError) as exc:
+        raise HeaderError("unreadable", type(exc).__name__) from None
+    except Exception as exc:  # a damaged header can raise nearly anything inside pydicom
+        raise HeaderError("unreadable", type(exc).__name__) from None
+
+
+# Plain numbers, UIDs and code strings are read from the raw element bytes: pydicom's value
+# conversion took about half of the header time on the real MRI (384 files: 0.29 s -> see
+# benchmarks/ingest.py). Texts in a character set (descriptions) still go through pydicom.
+def _raw(ds, tag: int):
+    """bytes of an unconverted little-endian element, the converted value otherwise, or None."""
+    try:
+        elem = ds.get_item(tag)
+    except (KeyError, TypeError):
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes) and type(elem).__name__ == "RawDataElement" and ds.is_little_endian:
+        return value
+    return ds[tag].value
+
+
+def _str(ds, tag: int) -> str:
+    v = _raw(ds, tag)
+    if v is None:
+        return ""
+    if isinstance(v, bytes):
+        return v.decode("ascii", "replace").strip(" \x00")
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return "\\".join(str(x) for x in v)
+    return str(v).strip()
+
+
+def _strs(ds, tag: int) -> list[str]:
+    text = _str(ds, tag)
+    return [t.strip() for t in text.split("\\")] if text else []
+
+
+def _us(ds, tag: int) -> int | None:
+    v = _raw(ds, tag)
+    if isinstance(v, bytes):
+        return int.from_bytes(v[:2], "little") if len(v) >= 2 else None
+    return _num(_first(v), int)
+
+
+def _fnum(ds, tag: int, cast=float):
+    parts = _strs(ds, tag)
+    return _num(parts[0], cast) if parts else None
+
+
+def _fvec(ds, tag: int, n: int):
+    return _floats(_strs(ds, tag), n)
+
+
+def _instance(path: str, ds, offset: int, size: int, pixel_element: bytes) -> Instance:
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _str(ds, 0x00080016) or (_text(meta.get("MediaStorageSOPClassUID")) if meta else "")
+    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+        raise HeaderError("dicomdir")
+    study_uid = _str(ds, 0x0020000D)
+    series_uid = _str(ds, 0x0020000E)
+    if not study_uid or not series_uid:
+        raise HeaderError("unreadable", "no Study/Series Instance UID")
+    syntax = _text(meta.get("TransferSyntaxUID")) if meta else ""
+    if not syntax:
+        syntax = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
+    inst = Instance(
+        path=path, study_uid=study_uid, series_uid=series_uid,
+        sop_uid=_str(ds, 0x00080018) or (_text(meta.get("MediaStorageSOPInstanceUID")) if meta else ""),
+        sop_class=sop_class, modality=_str(ds, 0x00080060).upper(),
+        series_number=_fnum(ds, 0x00200011, int), description=_text(ds.get("SeriesDescription")),
+        image_type=tuple(v.upper() for v in _strs(ds, 0x00080008)),
+        instance_number=_fnum(ds, 0x00200013, int), accession=_text(ds.get("AccessionNumber")),
+        transfer_syntax=syntax,
+    )
+    inst.rows = _us(ds, 0x00280010)
+    inst.cols = _us(ds, 0x00280011)
+    inst.frames = _fnum(ds, 0x00280008, int) or 1
+    inst.samples = _us(ds, 0x00280002) or 1
+    inst.bits_allocated = _us(ds, 0x00280100) or 16
+    inst.bits_stored = _us(ds, 0x00280101) or inst.bits_allocated
+    inst.signed = bool(_us(ds, 0x00280103))
+    inst.photometric = _str(ds, 0x00280004)
+    inst.facts = _facts(ds)
+    _geometry(inst, ds)
+    # pixel data: remember where native values start (the element header is 8 or 12 bytes)
+    inst.file_size = size
+    if len(pixel_element) >= 8 and pixel_element[:4] == b"\xe0\x7f\x10\x00":
+        implicit = syntax == "1.2.840.10008.1.2"
+        length = int.from_bytes(pixel_element[4:8] if implicit else pixel_element[8:12], "little")
+        if length == 0xFFFFFFFF:
+            inst.pixel_state = "encapsulated"
+        elif syntax in NATIVE_SYNTAXES:
+            inst.pixel_offset, inst.pixel_length = offset + (8 if implicit else 12), length
+            inst.pixel_state = "native" if inst.pixel_offset + length <= size else "short"
+        else:
+            inst.pixel_state = "other"
+    elif offset < size and syntax not in NATIVE_SYNTAXES:
+        inst.pixel_state = "other"  # e.g. deflated: the stream position says nothing; let pydicom decode
+    return inst
+
+
+_FACT_NUMBERS = {0x00180080: "repetition_time", 0x00180081: "echo_time", 0x00180082: "inversion_time",
+                 0x00181314: "flip_angle", 0x00180087: "field_strength", 0x00180060: "kvp",
+                 0x00180050: "slice_thickness", 0x00180088: "spacing_between_slices"}
+_FACT_TEXTS = {0x00180020: "scanning_sequence", 0x00180021: "sequence_variant", 0x00180024: "sequence_name",
+               0x00180010: "contrast_agent", 0x00181210: "kernel", 0x00180015: "body_part", 0x00181030: "protocol",
+               0x00081090: "scanner_model", 0x00080070: "manufacturer"}
+
+
+def _facts(ds) -> dict:
+    """Non-identifying acquisition facts worth keeping (sequence hints, CT technique)."""
+    out = {}
+    for tag, name in _FACT_NUMBERS.items():
+        v = _fnum(ds, tag)
+        if v is not None:
+            out[name] = v
+    for tag, name in _FACT_TEXTS.items():
+        if tag in ds:
+            v = ds[tag].value
+            v = "\\".join(str(x) for x in v) if type(v).__name__ == "MultiValue" or isinstance(v, list) else _text(v)
+            if v.strip():
+                out[name] = v.strip()
+    return out
+
+
+def _first(value):
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    try:
+        return value[0] if len(value) else None
+    except TypeError:
+        return value
+
+
+def _volume_key(ds) -> tuple:
+    """What tells apart images at the same slice position (time, b-value, gradient, echo...)."""
+    bval = ds.get((0x0018, 0x9087))
+    grad = ds.get((0x0018, 0x9089))
+    grad = _floats(grad.value, 3) if grad is not None else None
+    return (
+        _fnum(ds, 0x00200100, int) or 0,
+        _fnum(ds, 0x00181060) or 0.0,
+        (_num(bval.value) if bval is not None else None) or 0.0,
+        tuple(round(v, 4) for v in grad) if grad else (),
+        _fnum(ds, 0x00180086, int) or 0,
+        _fnum(ds, 0x00200012, int) or 0,
+    )
+
+
+def _geometry(inst: Instance, ds) -> None:
+    """Positions/orientations/rescale per frame, from the plain header or the functional groups."""
+    slope = _fnum(ds, 0x00281053)
+    slope = 1.0 if slope is None else slope
+    intercept = _fnum(ds, 0x00281052) or 0.0
+    position = _fvec(ds, 0x00200032, 3)
+    orientation = _fvec(ds, 0x00200037, 6)
+    spacing = _fvec(ds, 0x00280030, 2)
+    key = _volume_key(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") if 0x52009230 in ds else None
+    shared = ds.get("SharedFunctionalGroupsSequence") if 0x52009229 in ds else None
+    if per_frame is not None and len(per_frame) > 0:
+        shared = shared[0] if shared else None
+
+        def pick(item, seq: str, attr: str):
+            for source in (item, shared):
+                if source is not None and seq in source and len(source[seq].value) > 0:
+                    value = source[seq].value[0].get(attr)
+                    if value is not None:
+                        return value
+            return None
+
+        for item in per_frame:
+            inst.positions.append(_floats(pick(item, "PlanePositionSequence", "ImagePositionPatient"), 3))
+            inst.orientations.append(_floats(pick(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6))
+            inst.slopes.append(_num(pick(item, "PixelValueTransformationSequence", "RescaleSlope")) or slope)
+            inst.intercepts.append(_num(pick(item, "PixelValueTransformationSequence", "RescaleIntercept")) or intercept)
+            temporal = _num(pick(item, "FrameContentSequence", "TemporalPositionIndex"), int) or 0
+            bval = _num(pick(item, "MRDiffusionSequence", "DiffusionBValue")) or 0.0
+            echo = _num(pick(item, "MREchoSequence", "EffectiveEchoTime")) or 0.0
+            inst.volume_keys.append((temporal, 0.0, bval, (), echo, 0))
+        first = per_frame[0]
+        spacing = _floats(pick(first, "PixelMeasuresSequence", "PixelSpacing"), 2) or spacing
+        thickness = _num(pick(first, "PixelMeasuresSequence", "SliceThickness"))
+        if thickness:
+            inst.facts["slice_thickness"] = thickness
+        inst.frames = len(per_frame)
+    elif inst.frames > 1:
+        # legacy multi-frame: frames stacked along the normal, SpacingBetweenSlices apart
+        step = _fnum(ds, 0x00180088) or _fnum(ds, 0x00180050)
+        if position is not None and orientation is not None and step:
+            normal = np.cross(orientation[:3], orientation[3:])
+            inst.positions = [tuple(np.asarray(position) + k * step * normal) for k in range(inst.frames)]
+        else:
+            inst.positions = [None] * inst.frames
+        inst.orientations = [orientation] * inst.frames
+        inst.slopes = [slope] * inst.frames
+        inst.intercepts = [intercept] * inst.frames
+        inst.volume_keys = [key] * inst.frames
+    else:
+        inst.positions, inst.orientations = [position], [orientation]
+        inst.slopes, inst.intercepts, inst.volume_keys = [slope], [intercept], [key]
+    inst.pixel_spacing = spacing
+
+
+# -- series selection and geometry -----------------------------------------------------------------
+
+
+@dataclass
+class VolumePlan:
+    """One volume to assemble: its slices (instance, frame) in order along the normal, and its
+    geometry. ``fill`` lists grid slices made by interpolation: (grid index, lower source slice,
+    upper source slice, weight of the upper)."""
+
+    scan_id: str
+    series_uid: str
+    modality: str
+    description: str
+    series_number: int | None
+    slices: list  # [(Instance, frame)] one per real grid slice, in grid order
+    grid_index: list  # grid slice index of each entry of ``slices``
+    n_grid: int
+    origin: tuple
+    spacing: tuple
+    direction: tuple
+    header: dict
+    fill: list = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        seen, out = set(), []
+        for inst, _ in self.slices:
+            if inst.path not in seen:
+                seen.add(inst.path)
+                out.append(inst.path)
+        return out
+
+
+def _series_skip(first: Instance, reason: str, detail: str, files: Sequence[str], kind: str = "series") -> Skipped:
+    return Skipped(kind, reason, detail, first.series_number, first.description, first.series_uid, list(files))
+
+
+def _is_localizer(inst: Instance) -> str | None:
+    if any(t in ("LOCALIZER", "SCOUT") for t in inst.image_type):
+        return f"ImageType {inst.image_type[-1] if inst.image_type[-1] in ('LOCALIZER', 'SCOUT') else 'LOCALIZER'}"
+    desc = inst.description.lower()
+    for word in LOCALIZER_WORDS:
+        if word in desc:
+            return f"description '{inst.description}'"
+    return None
+
+
+def _non_image(inst: Instance) -> str | None:
+    for prefix, name in NON_IMAGE_CLASSES.items():
+        if inst.sop_class.startswith(prefix):
+            return name
+    if inst.modality in NON_IMAGE_MODALITIES:
+        return NON_IMAGE_MODALITIES[inst.modality]
+    if not inst.rows or not inst.cols:
+        return f"no pixel data (modality {inst.modality or '?'})"
+    return None
+
+
+def plan_series(instances: list[Instance], options: IngestOptions) -> tuple[list[VolumePlan], list[Skipped]]:
+    """Decide what one series (instances sharing a SeriesInstanceUID) becomes: volumes to assemble,
+    and skipped parts with reasons."""
+    instances = sorted(instances, key=lambda i: (i.instance_number or 0, i.path))
+    first = instances[0]
+    files = [i.path for i in instances]
+    why = _non_image(first)
+    if why:
+        return [], [_series_skip(first, "not_image", why, sorted(files))]
+    skipped: list[Skipped] = []
+    # files that cannot contribute pixels: duplicates of an instance, files cut inside the pixel data
+    seen: set[str] = set()
+    kept = []
+    for inst in instances:
+        if inst.sop_uid and inst.sop_uid in seen:
+            skipped.append(Skipped("file", "duplicate", f"SOP instance already read from another file", inst.series_number,
+                                   inst.description, inst.series_uid, [inst.path]))
+            continue
+        seen.add(inst.sop_uid)
+        if inst.pixel_state in ("none", "short") or not inst.rows or not inst.cols:
+            detail = "no pixel data" if inst.pixel_state == "none" else f"file ends at byte {inst.file_size} inside its pixel data"
+            skipped.append(Skipped("file", "truncated", detail, inst.series_number, inst.description, inst.series_uid, [inst.path]))
+            continue
+        kept.append(inst)
+    if not kept:
+        return [], skipped
+    instances = kept
+    first = instances[0]
+    files = sorted(i.path for i in instances)
+    if first.sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        return [], [_series_skip(first, "secondary_capture", f"SOP class {first.sop_class}", files)]
+    why = _is_localizer(first)
+    if why:
+        return [], [_series_skip(first, "localizer", why, files)]
+    if not options.keep_derived and first.image_type[:1] == ("DERIVED",):
+        return [], [_series_skip(first, "derived", "ImageType " + "\\".join(first.image_type), files)]
+    if first.samples != 1:
+        return [], [_series_skip(first, "colour", f"{first.samples} samples per pixel, {first.photometric}", files)]
+
+    # every frame is a slice: (instance, frame, position, orientation)
+    slices = [(inst, f) for inst in instances for f in range(inst.frames)]
+    no_geometry = [s for s in slices if _pos(s) is None or _ori(s) is None or s[0].pixel_spacing is None]
+    if no_geometry:
+        if len(no_geometry) == len(slices):
+            return [], skipped + [_series_skip(first, "missing_geometry", "no ImagePositionPatient/ImageOrientationPatient/PixelSpacing", files)]
+        skipped.append(_series_skip(first, "missing_geometry", f"{len(no_geometry)} of {len(slices)} images lack position or orientation",
+                                    sorted({s[0].path for s in no_geometry}), kind="volume"))
+        bad = {id(s[0]) * 100003 + s[1] for s in no_geometry}
+        slices = [s for s in slices if id(s[0]) * 100003 + s[1] not in bad]
+
+    # stacks: same orientation, image size and pixel spacing
+    stacks: dict[tuple, list] = {}
+    for s in slices:
+        inst = s[0]
+        key = (tuple(round(v, 3) for v in _ori(s)), inst.rows, inst.cols, tuple(round(v, 4) for v in inst.pixel_spacing))
+        stacks.setdefault(key, []).append(s)
+    groups = sorted(stacks.values(), key=len, reverse=True)
+    usable = [g for g in groups if len(g) >= options.min_slices]
+    if len(groups) > 1:
+        if not usable:
+            return [], skipped + [_series_skip(first, "mixed_orientation", f"{len(groups)} orientations/sizes with at most {len(groups[0])} images each", files)]
+        for g in groups:
+            if len(g) < options.min_slices:
+                skipped.append(_series_skip(first, "mixed_orientation", f"{len(g)} image(s) in another orientation or size than the rest",
+                                            sorted({s[0].path for s in g}), kind="volume"))
+    groups = usable or groups
+
+    volumes: list[tuple[list, str]] = []  # (slices, label)
+    for g in groups:
+        split, more = _split_repeats(g, first, options)
+        skipped += more
+        volumes += split
+    plans = []
+    for slices_v, label in volumes:
+        plan, why = _plan_volume(slices_v, first, options)
+        if plan is None:
+            skipped.append(_series_skip(first, why[0], why[1], sorted({s[0].path for s in slices_v}),
+                                        kind="series" if len(volumes) == 1 else "volume"))
+            continue
+        if label:
+            plan.header["volume"] = label
+        plans.append(plan)
+    if len(plans) > 1:
+        for k, plan in enumerate(plans, start=1):
+            plan.scan_id = f"{first.series_uid}_{k}"
+    return plans, skipped
+
+
+def _pos(s):
+    return s[0].positions[s[1]] if s[1] < len(s[0].positions) else None
+
+
+def _ori(s):
+    return s[0].orientations[s[1]] if s[1] < len(s[0].orientations) else None
+
+
+def _normal(orientation) -> np.ndarray:
+    return np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+
+
+def _split_repeats(group: list, first: Instance, options: IngestOptions) -> tuple[list, list]:
+    """Images at repeated positions (time series, diffusion, echoes) -> one list per volume."""
+    normal = _normal(_ori(group[0]))
+    proj = np.array([float(np.dot(normal, _pos(s))) for s in group])
+    order = np.argsort(proj, kind="stable")
+    # cluster projections closer than 0.01 mm: one cluster = one slice position
+    clusters: list[list] = []
+    last = None
+    for i in order:
+        if last is None or proj[i] - last > 0.01:
+            clusters.append([])
+        clusters[-1].append(group[i])
+        last = proj[i]
+    counts = {len(c) for c in clusters}
+    if counts == {1}:
+        return [([c[0] for c in clusters], "")], []
+    files = sorted({s[0].path for s in group})
+    if len(counts) > 1:
+        return [], [_series_skip(first, "unequal_repeats", f"{min(counts)} to {max(counts)} images per position over {len(clusters)} positions", files)]
+    k = counts.pop()
+
+    def rank_key(s):
+        inst, f = s
+        return (inst.volume_keys[f] if f < len(inst.volume_keys) else (), inst.instance_number or 0, inst.path, f)
+
+    for c in clusters:
+        c.sort(key=rank_key)
+    volumes = []
+    for t in range(k):
+        sl = [c[t] for c in clusters]
+        inst, f = sl[0]
+        vkey = inst.volume_keys[f] if f < len(inst.volume_keys) else ()
+        volumes.append((sl, _volume_label(t, k, vkey)))
+    chosen = list(range(k))
+    if options.repeated == "first":
+        chosen = [0]
+    elif options.repeated == "last":
+        chosen = [k - 1]
+    elif k > options.max_volumes:
+        chosen = list(range(options.max_volumes))
+    skipped = []
+    dropped = [t for t in range(k) if t not in chosen]
+    if dropped:
+        why = f"{k} images per position; kept volume(s) {_ranges(chosen)} by option repeated={options.repeated!r}" + (
+            f", max_volumes={options.max_volumes}" if options.repeated == "split" else "")
+        skipped.append(_series_skip(first, "volume_not_selected", why, sorted({s[0].path for t in dropped for s in volumes[t][0]}), kind="volume"))
+    log.info("series %s: %d images per slice position, %d volume(s) kept", first.series_number, k, len(chosen))
+    return [volumes[t] for t in chosen], skipped
+
+
+def _ranges(idx: list[int]) -> str:
+    return f"{idx[0] + 1}" if len(idx) == 1 else f"{idx[0] + 1}-{idx[-1] + 1}"
+
+
+def _volume_label(t: int, k: int, vkey: tuple) -> str:
+    parts = [f"{t + 1}/{k}"]
+    if vkey and vkey[2]:
+        parts.append(f"b={vkey[2]:g}")
+    if vkey and vkey[0]:
+        parts.append(f"time {vkey[0]}")
+    return " ".join(parts)
+
+
+def _plan_volume(slices: list, first: Instance, options: IngestOptions):
+    """Geometry and gap filling of one stack of distinct positions; (None, (reason, detail)) when
+    the stack is not a regular volume."""
+    n = len(slices)
+    if n < options.min_slices:
+        return None, ("too_few_slices", f"{n} < {options.min_slices}")
+    inst0 = slices[0][0]
+    ori = _ori(slices[0])
+    row, col = np.asarray(ori[:3]), np.asarray(ori[3:])
+    normal = np.cross(row, col)
+    pos = np.array([_pos(s) for s in slices], dtype=np.float64)
+    proj = pos @ normal
+    steps = np.diff(proj)
+    step = float(np.median(steps))
+    if step <= 1e-6:
+        return None, ("inconsistent_spacing", "slices do not advance along the normal")
+    ratio = steps / step
+    whole = np.rint(ratio)
+    tol = np.where(whole > 1, 0.05, max(0.01 / step, 0.01))  # 1% of a step (at least 0.01 mm), 5% across a gap
+    if np.any(np.abs(ratio - whole) > tol) or np.any(whole < 1):
+        return None, ("inconsistent_spacing", f"slice steps from {steps.min():.3g} to {steps.max():.3g} mm")
+    gaps = whole.astype(int) - 1
+    if gaps.max(initial=0) > options.max_gap:
+        at = int(np.argmax(gaps))
+        return None, ("inconsistent_spacing", f"{gaps[at]} missing slices after slice {at + 1} (max_gap={options.max_gap})")
+    # slices on one line (a gantry tilt shears the stack, which is allowed; scattered stacks are not)
+    line = pos[-1] - pos[0]
+    along = (pos - pos[0]) @ line / max(float(line @ line), 1e-12)
+    off = pos - pos[0] - along[:, None] * line[None, :]
+    if np.abs(off).max() > max(0.05, 0.05 * min(inst0.pixel_spacing)):
+        return None, ("inconsistent_spacing", "slice positions are not on one line")
+    grid_index = np.concatenate([[0], np.cumsum(whole.astype(int))]).tolist()
+    n_grid = grid_index[-1] + 1
+    fill = []
+    for i, g in enumerate(gaps):
+        for j in range(1, g + 1):
+            fill.append((grid_index[i] + j, i, i + 1, j / (g + 1)))
+    dz = float(np.linalg.norm(line)) / (n_grid - 1) if n_grid > 1 else (first.facts.get("slice_thickness") or 1.0)
+    header = _header(first)
+    header["slices"] = n_grid
+    tilt = math.degrees(math.acos(min(1.0, abs(float(line @ normal)) / max(float(np.linalg.norm(line)), 1e-12)))) if n_grid > 1 else 0.0
+    if tilt > 0.05:
+        header["gantry_tilt_deg"] = round(tilt, 3)
+    if fill:
+        header["interpolated_slices"] = [f[0] for f in fill]
+        log.info("series %s: %d missing slice(s) filled by interpolation", first.series_number, len(fill))
+    direction = (row[0], col[0], normal[0], row[1], col[1], normal[1], row[2], col[2], normal[2])
+    spacing = (inst0.pixel_spacing[1], inst0.pixel_spacing[0], dz)
+    plan = VolumePlan(first.series_uid, first.series_uid, first.modality or "OT", first.description, first.series_number,
+                      slices, grid_index, n_grid, tuple(float(v) for v in pos[0]), tuple(float(v) for v in spacing),
+                      tuple(float(v) for v in direction), header, fill)
+    return plan, None
+
+
+def _header(inst: Instance) -> dict:
+    header = {"series_number": inst.series_number, "image_type": list(inst.image_type), "sop_class": inst.sop_class}
+    header.update({k: v for k, v in inst.facts.items() if not k.startswith("_")})
+    return header
+
+
+# -- pixels ---------------------------------------------------------------------------------------
+
+
+class AssemblyError(Exception):
+    def __init__(self, reason: str, detail: str, path: str | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail, self.path = reason, detail, path
+
+
+def _dtype(inst: Instance) -> np.dtype:
+    if inst.bits_allocated not in (8, 16, 32):
+        raise AssemblyError("undecodable", f"{inst.bits_allocated} bits allocated", inst.path)
+    kind = "i" if inst.signed else "u"
+    return np.dtype(f"<{kind}{inst.bits_allocated // 8}")
+
+
+def read_frames(inst: Instance) -> np.ndarray:
+    """The stored pixel values of one file: [frames, rows, cols] (no rescale)."""
+    dtype = _dtype(inst)
+    per_frame = inst.rows * inst.cols
+    if inst.pixel_state in ("none", "short"):
+        raise AssemblyError("truncated", "the file ends before its pixel data does", inst.path)
+    if inst.pixel_state == "native":
+        count = per_frame * inst.frames
+        if inst.pixel_length < count * dtype.itemsize:
+            raise AssemblyError("truncated", f"pixel data holds {inst.pixel_length} bytes, {count * dtype.itemsize} expected", inst.path)
+        with open(inst.path, "rb") as fh:
+            fh.seek(inst.pixel_offset - (8 if inst.transfer_syntax == "1.2.840.10008.1.2" else 12))
+            if fh.read(4) != b"\xe0\x7f\x10\x00":
+                raise AssemblyError("undecodable", "the file changed since its header was read", inst.path)
+            fh.seek(inst.pixel_offset)
+            arr = np.fromfile(fh, dtype=dtype, count=count)
+        if arr.size < count:
+            raise AssemblyError("truncated", f"{arr.size * dtype.itemsize} of {count * dtype.itemsize} pixel bytes present", inst.path)
+        arr = arr.reshape(inst.frames, inst.rows, inst.cols)
+    else:
+        arr = _decode(inst)
+    if inst.bits_stored < inst.bits_allocated and inst.signed:
+        shift = inst.bits_allocated - inst.bits_stored  # sign-extend values stored in fewer bits
+        arr = (arr << shift) >> shift
+    return arr
+
+
+def _decode(inst: Instance) -> np.ndarray:
+    """Compressed or unusual encodings: pydicom's decoders, then SimpleITK's (GDCM)."""
+    import pydicom
+
+    errors = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(inst.path, force=True)
+            arr = ds.pixel_array
+        return np.asarray(arr).reshape(inst.frames, inst.rows, inst.cols)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure falls through to GDCM
+        errors.append(type(exc).__name__)
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(inst.path)
+        reader.SetImageIO("GDCMImageIO")
+        img = reader.Execute()
+        arr = sitk.GetArrayFromImage(img)
+        # GDCM applies rescale itself; undo it so every path returns stored values
+        slope, intercept = inst.slopes[0], inst.intercepts[0]
+        if slope != 1.0 or intercept != 0.0:
+            arr = np.rint((arr.astype(np.float64) - intercept) / slope)
+        return arr.reshape(inst.frames, inst.rows, inst.cols).astype(_dtype(inst))
+    except Exception as exc:  # noqa: BLE001
+        errors.append(type(exc).__name__)
+    raise AssemblyError("undecodable", f"transfer syntax {inst.transfer_syntax}; decoders failed: {', '.join(errors)}", inst.path)
+
+
+def assemble(plan: VolumePlan):
+    """Read the pixels of a planned volume: a SimpleITK image [x=cols, y=rows, z=slices] with the
+    plan's geometry and rescale slope/intercept applied (int16/int32 when the rescaled values are
+    whole numbers, else float32). Raises AssemblyError naming the first bad file."""
+    import SimpleITK as sitk
+
+    inst0 = plan.slices[0][0]
+    slopes = np.array([s[0].slopes[s[1]] for s in plan.slices], dtype=np.float64)
+    intercepts = np.array([s[0].intercepts[s[1]] for s in plan.slices], dtype=np.float64)
+    integral = bool(np.all(slopes == np.rint(slopes)) and np.all(intercepts == np.rint(intercepts)))
+    if integral:
+        # the smallest integer type that holds every possible rescaled value
+        bits = inst0.bits_stored
+        lo_s, hi_s = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if inst0.signed else (0, 2 ** bits - 1)
+        ends = np.concatenate([lo_s * slopes + intercepts, hi_s * slopes + intercepts])
+        # int16 unless a value outside it is possible and then actually met (the buffer grows once)
+        certain = ends.min() >= -32768 and ends.max() <= 32767
+        dtype = np.int16
+    else:
+        certain, dtype = True, np.float32
+    stored = np.empty((len(plan.slices), inst0.rows, inst0.cols), dtype=dtype)
+    cache: dict[str, np.ndarray] = {}  # multi-frame files of this volume, read once each
+    for i, (inst, frame) in enumerate(plan.slices):
+        if (inst.rows, inst.cols) != (inst0.rows, inst0.cols):
+            raise AssemblyError("mixed_orientation", "image size changes within the volume", inst.path)
+        if inst.frames > 1:
+            if inst.path not in cache:
+                cache[inst.path] = read_frames(inst)
+            values = cache[inst.path][frame]
+        else:
+            values = read_frames(inst)[0]
+        if integral:
+            if slopes[i] != 1.0 or intercepts[i] != 0.0 or values.dtype.itemsize > 2 or (not certain and values.dtype == np.uint16):
+                values = values.astype(np.int64) * int(slopes[i]) + int(intercepts[i])
+            if not certain and stored.dtype == np.int16 and values.size and (values.min() < -32768 or values.max() > 32767):
+                stored = stored.astype(np.int32)
+            stored[i] = values
+        else:
+            stored[i] = values.astype(np.float32) * np.float32(slopes[i]) + np.float32(intercepts[i])
+    cache.clear()
+    volume = stored
+    if plan.fill:
+        volume = np.empty((plan.n_grid,) + stored.shape[1:], dtype=stored.dtype)
+        volume[plan.grid_index] = stored
+        for g, a, b, w in plan.fill:  # a missing slice: linear between its two neighbours
+            mix = (1 - w) * stored[a].astype(np.float32) + w * stored[b].astype(np.float32)
+            volume[g] = np.rint(mix) if integral else mix
+    image = sitk.GetImageFromArray(volume)
+    image.SetOrigin(plan.origin)
+    image.SetSpacing(plan.spacing)
+    image.SetDirection(plan.direction)
+    return image
