@@ -29,6 +29,7 @@ from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask
                            LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, load_regions,
                            normalize_url, parse_findings_text, plan_question, read_header, region_named, table_rows)
 from SlicerHLIPLib.findings import findings_text
+from SlicerHLIPLib.nifti import write_nifti
 
 HOMEPAGE = "https://github.com/hlip-slicer/SlicerHLIP#readme"
 HEATMAP_ATTRIBUTE = "HLIP.heatmap"
@@ -587,23 +588,23 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
     def defaultSelection(self, volumes):
         return default_selection(volumes, self.activeVolumeID())
 
-    def writeVolume(self, volumeNode, path):
-        """Write a volume node to a NIfTI file with its geometry (a file write, on the main thread)."""
-        storage = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        try:
-            storage.SetFileName(str(path))
-            storage.UseCompressionOff()  # the fastest write; the client compresses for remote servers, off the GUI thread
-            if not storage.WriteData(volumeNode):
-                raise RuntimeError(_(f"Could not write volume '{volumeNode.GetName()}' to {path}"))
-        finally:
-            storage.UnRegister(None)
-        return str(path)
+    @staticmethod
+    def volumeSnapshot(volumeNode):
+        """(voxels [k, j, i] copied, IJK->RAS 4x4 as lists): what a worker thread needs to write
+        the volume, taken on the main thread in the time of a memory copy."""
+        if volumeNode.GetImageData() is None:
+            raise ValueError(_(f"Volume '{volumeNode.GetName()}' holds no image."))
+        if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+            raise ValueError(_(f"Volume '{volumeNode.GetName()}' has several components per voxel; choose a scalar volume."))
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)  # local coordinates: a parent transform stays with the node
+        return slicer.util.arrayFromVolume(volumeNode).copy(), [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
 
     # -- ask -------------------------------------------------------------------------------------------
 
     def startQuestion(self, nodeIDs, findings, heatmaps=True, regionName=None):
-        """Write the chosen volumes (when they must be uploaded) and return the BackgroundTask that
-        uploads and asks (value: SlicerHLIPLib Answer)."""
+        """Copy the chosen volumes' voxels (when they must be uploaded) and return the BackgroundTask
+        that writes them as NIfTI files, uploads them and asks (value: SlicerHLIPLib Answer)."""
         client = self.requireClient()
         byKey = {v.key: v for v in self.sceneVolumes()}
         chosen = [byKey[k] for k in nodeIDs if k in byKey]
@@ -615,12 +616,16 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 volume.modality = volume.modality or modality
         question = plan_question(chosen)
         folder = tempfile.mkdtemp(prefix="question-", dir=self.workDir())
-        files = {}
-        for i, volume in enumerate(question.uploads):
-            files[volume.key] = self.writeVolume(slicer.mrmlScene.GetNodeByID(volume.key), os.path.join(folder, f"scan{i:02d}.nii"))
+        snapshots = {v.key: self.volumeSnapshot(slicer.mrmlScene.GetNodeByID(v.key)) for v in question.uploads}
         outDir = os.path.join(folder, "heatmaps")
 
         def work(progress, cancel):
+            files = {}
+            for i, volume in enumerate(question.uploads):  # the files are written here, off the GUI thread
+                cancel.check()
+                progress(None, _(f"Writing volume {i + 1} of {len(question.uploads)}"))
+                voxels, ijkToRas = snapshots.pop(volume.key)
+                files[volume.key] = write_nifti(os.path.join(folder, f"scan{i:02d}.nii"), voxels, ijkToRas)
             return ask(client, findings, question, files, heatmaps=heatmaps, out_dir=outDir, progress=progress, cancel=cancel)
 
         return BackgroundTask(work, "SlicerHLIP findings")
@@ -790,11 +795,16 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         return task.result()
 
     def test_VolumeIsWrittenWithItsGeometry(self):
-        self.delayDisplay("A volume node becomes a NIfTI file with its geometry")
+        self.delayDisplay("A volume node becomes a NIfTI file with its geometry, written off the GUI thread")
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
-        path = logic.writeVolume(volume, os.path.join(self.tempDir, "volume.nii"))
+        voxels, ijkToRas = logic.volumeSnapshot(volume)
+        path = write_nifti(os.path.join(self.tempDir, "volume.nii"), voxels, ijkToRas)
         self._assertSameGrid(read_header(path), volume)
+        reloaded = slicer.util.loadVolume(path, {"name": "reloaded", "show": False})  # Slicer's own reader agrees
+        self._assertSameGrid(read_header(path), reloaded)
+        self.assertTrue((slicer.util.arrayFromVolume(reloaded) == slicer.util.arrayFromVolume(volume)).all())
+        slicer.mrmlScene.RemoveNode(reloaded)
         self.assertEqual([v.key for v in logic.sceneVolumes()], [volume.GetID()])
         self.assertEqual(logic.defaultSelection(logic.sceneVolumes()), [volume.GetID()])
         self.delayDisplay("Test passed")
@@ -806,11 +816,9 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
         # a heat map in the scan's geometry: the scan itself scaled to [0, 1], written as the server would
-        heat = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "heat")
-        array = slicer.util.arrayFromVolume(heat).astype("float32")
-        slicer.util.updateVolumeFromArray(heat, array / max(float(array.max()), 1.0))
-        path = logic.writeVolume(heat, os.path.join(self.tempDir, "heatmap_0.nii"))
-        slicer.mrmlScene.RemoveNode(heat)
+        voxels, ijkToRas = logic.volumeSnapshot(volume)
+        heat = voxels.astype("float32") / max(float(voxels.max()), 1.0)
+        path = write_nifti(os.path.join(self.tempDir, "heatmap_0.nii.gz"), heat, ijkToRas)
         rows = [FindingRow(0, "mass effect", 0.8, 0.1, "scan00", "scan00", "scan00.nii", "heatmap_0"),
                 FindingRow(1, "midline shift", 0.3, -0.05, "scan00", "scan00", "scan00.nii", None)]
         result = FindingsResult("session", rows, {0: HeatMap("mass effect", path, read_header(path))}, [], 12.0, 0.5)

@@ -19,7 +19,7 @@ from SlicerHLIPLib import (BackgroundTask, Cancelled, HLIPClient, JsonFileSettin
                            parse_findings_text, plan_question, read_header, read_voxels, region_named, same_geometry, table_rows)
 from SlicerHLIPLib.client import FindingRow, FindingsResult
 from SlicerHLIPLib.multipart import FieldPart, FilePart, MultipartBody, MultipartError, boundary_of, read_multipart
-from SlicerHLIPLib.nifti import NiftiError, parse_header
+from SlicerHLIPLib.nifti import NiftiError, parse_header, write_nifti
 
 # -- multipart ---------------------------------------------------------------------------------------
 
@@ -136,6 +136,37 @@ def test_nifti2_and_qform_only_files_are_read_as_nibabel_reads_them(tmp_path):
     bad.write_bytes(b"\x1f\x8bnot gzip at all")
     with pytest.raises(NiftiError):
         read_header(bad)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "uint16", "int32"])
+def test_a_volume_written_from_an_array_reads_back_the_same_in_itk_and_nibabel(tmp_path, dtype):
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(len(dtype))
+    lps = np.diag([-1.0, -1.0, 1.0])
+    for trial in range(6):  # oblique directions, with and without a reflection, as Slicer's IJKToRAS can be
+        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        if (np.linalg.det(rotation) > 0) == (trial % 2 == 0):
+            rotation[:, trial % 3] *= -1
+        affine = np.eye(4)
+        affine[:3, :3] = rotation * rng.uniform(0.4, 3.0, 3)
+        affine[:3, 3] = rng.uniform(-120, 120, 3)
+        voxels = (rng.random((5, 6, 7)) * 200).astype(dtype)
+        path = write_nifti(tmp_path / f"v{trial}.nii{'.gz' if trial % 3 == 0 else ''}", voxels, affine.tolist())
+        image = sitk.ReadImage(str(path))
+        assert image.GetSize() == (7, 6, 5) and np.array_equal(sitk.GetArrayFromImage(image), voxels)
+        itk_matrix = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+        assert np.allclose(itk_matrix, lps @ affine[:3, :3], atol=1e-4) and np.allclose(image.GetOrigin(), lps @ affine[:3, 3], atol=1e-3)
+        loaded = nib.load(path)
+        assert np.allclose(loaded.get_qform(), affine, atol=1e-4) and np.allclose(loaded.get_sform(), affine, atol=1e-4)
+        header, back = read_voxels(path)
+        assert np.allclose(header.affine_ras, affine, atol=1e-4) and np.array_equal(back, voxels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"v{t}.nii{'.gz' if t % 3 == 0 else ''}" for t in range(6))
+    with pytest.raises(NiftiError, match="3D array"):
+        write_nifti(tmp_path / "flat.nii", np.zeros((4, 4)), np.eye(4).tolist())
+    with pytest.raises(NiftiError, match="no voxel size"):
+        write_nifti(tmp_path / "zero.nii", np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]).tolist())
 
 
 # -- settings, findings, choices ------------------------------------------------------------------------

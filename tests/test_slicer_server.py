@@ -15,7 +15,7 @@ from server_helpers import IdentityProvider, make_checkpoint, monailabel_server,
 from slicer_helpers import write_study
 from SlicerHLIPLib import (AuthenticationFailed, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, LocalVolume,
                            NotFound, NotHLIPServer, PermissionDenied, RequestRejected, RequestTimeout, ServerBusy,
-                           ServerUnreachable, ask, plan_question, read_header, read_voxels, same_geometry, table_rows)
+                           ServerUnreachable, ask, plan_question, read_header, read_voxels, same_geometry, table_rows, write_nifti)
 from SlicerHLIPLib.study import Question
 
 FINDINGS = ["mass effect", "midline shift", "hydrocephalus"]
@@ -30,8 +30,12 @@ def setup(tmp_path_factory):
     studies = tmp / "studies"
     write_nifti_study(studies / "studyA", n_scans=2, seed=21)
     write_nifti_study(studies / "studyB", n_scans=3, seed=22)
-    return {"tmp": tmp, "studies": studies, "checkpoint": make_checkpoint(tmp / "ckpt"),
-            "upload": write_study(tmp / "upload", n_scans=4, seed=5)}
+    originals = write_study(tmp / "originals", n_scans=4, seed=5)
+    upload = []
+    for i, path in enumerate(originals):  # as the Slicer module writes a node: its voxels and IJK->RAS, on a worker thread
+        header, voxels = read_voxels(path)
+        upload.append(Path(write_nifti(tmp / f"node{i}.nii", voxels, header.affine_ras)))
+    return {"tmp": tmp, "studies": studies, "checkpoint": make_checkpoint(tmp / "ckpt"), "originals": originals, "upload": upload}
 
 
 def conf(setup):
@@ -91,7 +95,7 @@ def test_an_uploaded_four_volume_study_gets_findings_and_heat_maps_in_each_scans
                  progress=lambda fraction, message="": reports.append((fraction, message)))
     result = answer.result
     assert answer.uploaded.session_id and result.study_id == answer.uploaded.session_id
-    assert list(answer.uploaded.files) == ["scan00.nii.gz", "scan01.nii.gz", "scan02.nii.gz", "scan03.nii.gz"]
+    assert list(answer.uploaded.files) == ["scan00.nii", "scan01.nii", "scan02.nii", "scan03.nii"]
     assert [r.finding for r in result.rows] == FINDINGS and result.skipped == []
     assert all(0 <= r.probability <= 1 and -2 <= r.score <= 2 for r in result.rows)
     assert result.server_ms > 0 and result.seconds * 1000 > result.server_ms
@@ -103,7 +107,7 @@ def test_an_uploaded_four_volume_study_gets_findings_and_heat_maps_in_each_scans
         assert Path(heatmap.path).parent == tmp_path / "maps" and heatmap.finding == row.finding
         scan = read_header(files[key])
         assert same_geometry(heatmap.header, scan), (heatmap.header.affine_ras, scan.affine_ras)
-        image = sitk.ReadImage(files[key])  # and as ITK sees the scan
+        image = sitk.ReadImage(str(setup["originals"][int(key[-1])]))  # and as ITK sees the scan the node came from
         assert heatmap.header.size == image.GetSize()
         assert np.allclose(heatmap.header.origin_lps, image.GetOrigin(), atol=1e-4)
         assert np.allclose(heatmap.header.direction_lps, image.GetDirection(), atol=1e-5)

@@ -9,7 +9,7 @@ from .client import (DownloadedScan, FindingRow, FindingsResult, HeatMap, HLIPCl
 from .errors import (AuthenticationFailed, AuthenticationRequired, BadAnswer, Cancelled, HLIPError, NotFound, NotHLIPServer,
                      PermissionDenied, RequestRejected, RequestTimeout, ServerBusy, ServerError, ServerUnreachable)
 from .findings import TABLE_COLUMNS, Region, load_regions, parse_findings_text, region_named, table_rows
-from .nifti import NiftiHeader, read_header, read_voxels, same_geometry
+from .nifti import NiftiHeader, read_header, read_voxels, same_geometry, write_nifti
 from .settings import JsonFileSettings, MemorySettings, RememberedSettings
 from .study import Answer, LocalVolume, Question, ask, default_selection, plan_question
 from .tasks import BackgroundTask, CancelToken, Progress
@@ -21,5 +21,5 @@ __all__ = [
     "Question", "Region", "RememberedSettings", "RequestRejected", "RequestTimeout", "ScanListing", "SearchHit",
     "SearchResult", "ServerBusy", "ServerError", "ServerInfo", "ServerUnreachable", "StudyListing", "TABLE_COLUMNS",
     "UploadFile", "UploadedStudy", "ask", "default_selection", "load_regions", "normalize_url", "parse_findings_text",
-    "plan_question", "read_header", "read_voxels", "region_named", "same_geometry", "table_rows",
+    "plan_question", "read_header", "read_voxels", "region_named", "same_geometry", "table_rows", "write_nifti",
 ]

@@ -1,5 +1,7 @@
 """NIfTI-1/NIfTI-2 headers with the standard library: a volume's geometry without nibabel or
-SimpleITK (neither is in Slicer's Python by default), and its voxels when numpy is there.
+SimpleITK (neither is in Slicer's Python by default), its voxels when numpy is there, and
+``write_nifti`` for a volume given as an array and its IJK->RAS matrix (how the Slicer module
+hands a volume node to a worker thread, so that no file is written on the GUI thread).
 
 Geometry follows the NIfTI standard (and nibabel's choice of transform): the sform when its code
 is set, else the qform, else the voxel sizes alone. ``affine_ras`` maps voxel indices (i, j, k)
@@ -181,3 +183,91 @@ def same_geometry(a: NiftiHeader, b: NiftiHeader, tolerance: float = 1e-4) -> bo
     if a.size != b.size:
         return False
     return all(abs(a.affine_ras[r][c] - b.affine_ras[r][c]) <= tolerance for r in range(3) for c in range(4))
+
+
+NUMPY_TO_NIFTI = {name: code for code, (name, _) in DATATYPES.items()}
+
+
+def _quaternion_of(rotation) -> tuple:
+    """(b, c, d, qfac) of a 3x3 orthonormal matrix, as the NIfTI standard's mat44_to_quatern."""
+    r = [list(row) for row in rotation]
+    det = (r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1]) - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+           + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]))
+    qfac = 1.0
+    if det < 0:  # a reflection: NIfTI keeps it in qfac, the quaternion describes a proper rotation
+        qfac = -1.0
+        for row in r:
+            row[2] = -row[2]
+    trace = r[0][0] + r[1][1] + r[2][2] + 1.0
+    if trace > 0.5:
+        a = 0.5 * math.sqrt(trace)
+        b, c, d = 0.25 * (r[2][1] - r[1][2]) / a, 0.25 * (r[0][2] - r[2][0]) / a, 0.25 * (r[1][0] - r[0][1]) / a
+    else:
+        xd, yd, zd = 1.0 + r[0][0] - (r[1][1] + r[2][2]), 1.0 + r[1][1] - (r[0][0] + r[2][2]), 1.0 + r[2][2] - (r[0][0] + r[1][1])
+        if xd > 1.0:
+            b = 0.5 * math.sqrt(xd)
+            c, d, a = 0.25 * (r[0][1] + r[1][0]) / b, 0.25 * (r[0][2] + r[2][0]) / b, 0.25 * (r[2][1] - r[1][2]) / b
+        elif yd > 1.0:
+            c = 0.5 * math.sqrt(yd)
+            b, d, a = 0.25 * (r[0][1] + r[1][0]) / c, 0.25 * (r[1][2] + r[2][1]) / c, 0.25 * (r[0][2] - r[2][0]) / c
+        else:
+            d = 0.5 * math.sqrt(zd)
+            b, c, a = 0.25 * (r[0][2] + r[2][0]) / d, 0.25 * (r[1][2] + r[2][1]) / d, 0.25 * (r[1][0] - r[0][1]) / d
+        if a < 0:
+            b, c, d = -b, -c, -d
+    return b, c, d, qfac
+
+
+def write_nifti(path, array, affine_ras) -> str:
+    """Write a 3D volume as an uncompressed NIfTI-1 file (or gzip-compressed when ``path`` ends
+    with .gz), atomically.
+
+    array: numpy array [k, j, i] (as Slicer's arrayFromVolume gives it; uint8, int8, (u)int16,
+    (u)int32, (u)int64, float32 or float64); affine_ras: 4x4 IJK->RAS matrix (Slicer's IJKToRAS).
+    Both the sform and the qform are written (code 1, scanner coordinates), so ITK, nibabel and
+    Slicer read the same geometry."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise NiftiError(f"write_nifti takes a 3D array [k, j, i], got shape {array.shape}")
+    dtype = array.dtype.newbyteorder("=")
+    if dtype.name not in NUMPY_TO_NIFTI:
+        raise NiftiError(f"voxels of type {dtype.name} cannot be written as NIfTI here")
+    m = [[float(v) for v in row] for row in affine_ras]
+    spacing = [math.sqrt(sum(m[r][c] ** 2 for r in range(3))) for c in range(3)]
+    if min(spacing) <= 0:
+        raise NiftiError("the IJK->RAS matrix has a zero column (no voxel size)")
+    b, c, d, qfac = _quaternion_of([[m[r][col] / spacing[col] for col in range(3)] for r in range(3)])
+    nk, nj, ni = array.shape
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, ni, nj, nk, 1, 1, 1, 1)
+    struct.pack_into("<2h", header, 70, NUMPY_TO_NIFTI[dtype.name], 8 * dtype.itemsize)
+    struct.pack_into("<8f", header, 76, qfac, *spacing, 0.0, 0.0, 0.0, 0.0)
+    struct.pack_into("<3f", header, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    header[123] = 2  # xyzt_units: millimetres
+    struct.pack_into("<2h", header, 252, 1, 1)  # qform_code, sform_code: scanner coordinates
+    struct.pack_into("<6f", header, 256, b, c, d, m[0][3], m[1][3], m[2][3])
+    struct.pack_into("<12f", header, 280, *m[0], *m[1], *m[2])
+    header[344:348] = b"n+1\0"
+    data = bytes(header) + b"\0\0\0\0" + np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(prefix=".partial-", suffix=".nii", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.endswith(".gz"):
+                with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1) as z:
+                    z.write(data)
+            else:
+                f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+    return path
