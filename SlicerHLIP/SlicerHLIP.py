@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 
-import ctk
 import qt
 import slicer
 import vtk
@@ -29,7 +28,7 @@ from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask
                            LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, load_regions,
                            normalize_url, parse_findings_text, plan_question, read_header, region_named, table_rows)
 from SlicerHLIPLib.findings import findings_text
-from SlicerHLIPLib.nifti import write_nifti
+from SlicerHLIPLib.nifti import NiftiError, read_voxels, write_nifti
 
 HOMEPAGE = "https://github.com/hlip-slicer/SlicerHLIP#readme"
 HEATMAP_ATTRIBUTE = "HLIP.heatmap"
@@ -294,10 +293,10 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as e:
             self._showError(e)
             return
-        self._run(task, lambda scans: self._onStudyDownloaded(studyId, scans), _(f"Downloading study {studyId}..."))
+        self._run(task, lambda loaded: self._onStudyDownloaded(studyId, loaded), _(f"Downloading study {studyId}..."))
 
-    def _onStudyDownloaded(self, studyId, scans):
-        nodes = self.logic.loadDownloadedStudy(studyId, scans)
+    def _onStudyDownloaded(self, studyId, loaded):
+        nodes = self.logic.loadDownloadedStudy(studyId, loaded)
         self.refreshVolumes()
         self.ui.statusLabel.text = _(f"Loaded {len(nodes)} volumes of study {studyId}.")
 
@@ -513,17 +512,43 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return BackgroundTask(lambda progress, cancel: client.search(text, int(k), cancel), "SlicerHLIP search")
 
     def downloadStudyTask(self, studyId):
-        """Download every scan of a datastore study (value: [DownloadedScan])."""
+        """Download every scan of a datastore study and read its voxels, off the GUI thread (value:
+        [(DownloadedScan, voxels [k, j, i] or None, IJK->RAS or None)]; None: a format only
+        Slicer's reader opens, loaded by loadDownloadedStudy)."""
         client = self.requireClient()
         folder = tempfile.mkdtemp(prefix="study-", dir=self.workDir())
-        return BackgroundTask(lambda progress, cancel: client.download_study(studyId, folder, progress, cancel), "SlicerHLIP download")
 
-    def loadDownloadedStudy(self, studyId, scans):
-        """Load downloaded scans as volume nodes that remember their server study and image."""
+        def work(progress, cancel):
+            scans = client.download_study(studyId, folder, progress.scaled(0.0, 0.9), cancel)
+            loaded = []
+            for i, scan in enumerate(scans):
+                cancel.check()
+                progress(0.9 + 0.1 * i / max(1, len(scans)), _("Reading the volumes"))
+                try:
+                    header, voxels = read_voxels(scan.path)
+                except (NiftiError, OSError, ValueError):
+                    header, voxels = None, None
+                if voxels is not None and voxels.ndim == 3:
+                    loaded.append((scan, voxels, header.affine_ras))
+                else:
+                    loaded.append((scan, None, None))
+            return loaded
+
+        return BackgroundTask(work, "SlicerHLIP download")
+
+    def loadDownloadedStudy(self, studyId, loaded):
+        """Volume nodes from downloaded scans (memory copies of voxels read off the GUI thread), that
+        remember their server study and image. ``loaded``: the value of downloadStudyTask."""
+        import numpy as np
+
         nodes = []
-        allImages = "\n".join(scan.image_id for scan in scans)
-        for scan in scans:
-            node = slicer.util.loadVolume(scan.path, {"name": scan.description or scan.image_id, "show": False})
+        allImages = "\n".join(scan.image_id for scan, _, _ in loaded)
+        for scan, voxels, ijkToRas in loaded:
+            name = scan.description or scan.image_id
+            if voxels is not None:
+                node = slicer.util.addVolumeFromArray(voxels, np.array(ijkToRas), name)
+            else:
+                node = slicer.util.loadVolume(scan.path, {"name": name, "show": False})
             node.SetAttribute(SERVER_STUDY_ATTRIBUTE, studyId)
             node.SetAttribute(SERVER_IMAGE_ATTRIBUTE, scan.image_id)
             node.SetAttribute(SERVER_STUDY_IMAGES_ATTRIBUTE, allImages)
@@ -868,4 +893,13 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             self._assertSameGrid(read_header(answer.result.heatmaps[row].path), heat)  # and so is the loaded node
         found = self._wait(logic.searchTask("mass effect", 5))
         self.assertLessEqual(len(found.hits), 5)
+        studies = self._wait(logic.studiesTask())
+        if studies:  # a datastore study: downloaded, loaded, then asked by its id
+            nodes = logic.loadDownloadedStudy(studies[0].study_id, self._wait(logic.downloadStudyTask(studies[0].study_id)))
+            self.assertEqual(len(nodes), len(studies[0].scans))
+            answer = self._wait(logic.startQuestion([n.GetID() for n in nodes], findings[:1], heatmaps=True))
+            self.assertIsNone(answer.uploaded)  # asked by id: nothing uploaded
+            self.assertEqual(answer.result.study_id, studies[0].study_id)
+            logic.showAnswer(answer)
+            self._assertSameGrid(read_header(answer.result.heatmaps[0].path), logic.scanNodeOf(0))
         self.delayDisplay("Test passed")

@@ -3,7 +3,6 @@ and a tiny checkpoint: connect, upload a 4-volume study, ask, read the table row
 (each in the geometry of its scan), ask a datastore study by id, search, cancel; and every error a
 user can meet: 4xx answers, a full queue, time-outs, a wrong address, a stopped server, and
 MONAI Label's authentication switched on."""
-import json
 import threading
 import time
 from pathlib import Path

@@ -7,7 +7,7 @@ is decided here, without Slicer, so that the same code runs in Slicer and under 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .client import FindingsResult, HLIPClient, UploadedStudy, UploadFile, volume_suffix
