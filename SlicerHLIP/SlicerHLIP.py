@@ -255,6 +255,9 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverStatusLabel.text = _(f"Connected to {info.name} {info.version}: model '{info.model}', "
                                            f"{len(info.default_findings)} default findings, {studies} studies in its datastore.")
         self.ui.statusLabel.text = ""
+        self.ui.heatmapsCheckBox.enabled = info.heatmaps  # a server may have heat maps switched off
+        if not info.heatmaps:
+            self.ui.heatmapsCheckBox.checked = False
         if not self.ui.findingsTextEdit.toPlainText().strip() and info.default_findings:
             self.ui.findingsTextEdit.setPlainText(findings_text(info.default_findings))
         self.onListServerStudies()

@@ -281,11 +281,18 @@ def test_a_full_queue_is_said_and_retried(client, setup, tmp_path):
     else:
         pytest.fail("five attempts to fill the queue all finished first")
     # the same again, with retries: the client waits as the server asks, and gets its answer
-    running = fill_the_queue(client, lambda i: heavy(i, heatmaps=False))
-    retried = client.findings(FINDINGS, session_id=session.session_id, heatmaps=False, busy_retries=30)
-    assert [r.finding for r in retried.rows] == FINDINGS
-    for t in running:
-        assert t.wait(120) and len(t.result().rows) == 32
+    for attempt in range(5):
+        running = fill_the_queue(client, lambda i: heavy(i, heatmaps=False))
+        messages = []
+        retried = client.findings(FINDINGS, session_id=session.session_id, heatmaps=False, busy_retries=30,
+                                  progress=lambda f, m="": messages.append(m))
+        assert [r.finding for r in retried.rows] == FINDINGS
+        for t in running:
+            assert t.wait(120) and len(t.result().rows) == 32
+        if any(m.startswith("The server is busy; trying again in") for m in messages):
+            break
+    else:
+        pytest.fail("five attempts to meet a full queue with retries all found room at once")
 
 
 def test_a_slow_answer_times_out_in_words(server, client, setup, tmp_path):
