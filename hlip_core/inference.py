@@ -39,6 +39,7 @@ class PreparedScan:
     image: object  # SimpleITK.Image in the scan's original geometry
     array: np.ndarray  # [D, H, W] model grid, float32 in [0, 1]
     transform: dict  # to map model-grid maps back onto ``image``
+    files: list = field(default_factory=list)  # the files it was read from (empty for in-memory images)
 
 
 @dataclass
@@ -93,29 +94,30 @@ class StudyPredictor:
 
     # -- studies --------------------------------------------------------------------------------
 
-    def prepare(self, source, study_id: str | None = None) -> PreparedStudy:
-        """A study from a folder (DICOM or NIfTI/NRRD/MHA), a list of files, or a list of
-        SimpleITK images (with ``study_id``). Raises NoUsableScanError when nothing is usable."""
-        from .data import load_study
+    def prepare(self, source, study_id: str | None = None, **options) -> PreparedStudy:
+        """A study from a folder (DICOM or NIfTI/NRRD/MHA), a list of files, a ``hlip_core.data.Study``
+        already loaded, or a list of SimpleITK images (with ``study_id``). ``options`` go to
+        ``load_study`` (e.g. ``volume_modality="auto"``). Raises NoUsableScanError when nothing is usable."""
+        from .data import Study, load_study
         from .data.preprocess import to_model_space
 
         if isinstance(source, PreparedStudy):
             return source
         if isinstance(source, (list, tuple)) and source and not isinstance(source[0], (str, os.PathLike)):
             images = list(source)
-            scans_in = [(f"scan{i}", "MR", "", img) for i, img in enumerate(images)]
+            scans_in = [(f"scan{i}", "MR", "", img, []) for i, img in enumerate(images)]
             sid, skipped = study_id or "study", []
         else:
-            study = load_study(source)
-            scans_in = [(s.scan_id, s.modality, s.description, s.image) for s in study.scans]
+            study = source if isinstance(source, Study) else load_study(source, **options)
+            scans_in = [(s.scan_id, s.modality, s.description, s.image, list(s.files)) for s in study.scans]
             sid, skipped = study_id or study.study_id, list(study.skipped)
         if not scans_in:
             reasons = "; ".join(str(s) for s in skipped[:10]) or "no image files found"
             raise NoUsableScanError(f"study {sid} has no usable scan ({reasons})")
         scans = []
-        for scan_id, modality, description, image in scans_in:
+        for scan_id, modality, description, image, files in scans_in:
             array, transform = to_model_space(image, modality, self.settings)  # float32 [D, H, W] in [0, 1]
-            scans.append(PreparedScan(scan_id, modality, description, image, array, transform))
+            scans.append(PreparedScan(scan_id, modality, description, image, array, transform, files))
         return PreparedStudy(sid, scans, skipped)
 
     # -- embeddings and findings ----------------------------------------------------------------
