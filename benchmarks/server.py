@@ -40,7 +40,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from server_helpers import REAL_MRI, free_port, make_checkpoint, stop_process, wait_for, write_dicom_series  # noqa: E402
+from realdata import real_mri_dicom_dir  # noqa: E402
+from server_helpers import free_port, make_checkpoint, stop_process, wait_for, write_dicom_series  # noqa: E402
 
 CONFIGS = {
     "tiny": ("tiny_multiscan_h2", (32, 64, 64), {"new": 5, "findings": 2}),
@@ -54,7 +55,7 @@ def make_study(base: Path) -> list[Path]:
     import numpy as np
     import pydicom
 
-    real = sorted(REAL_MRI.rglob("*.dcm"))
+    real = sorted(real_mri_dicom_dir().rglob("*.dcm"))
     keyed = []
     for f in real:
         ds = pydicom.dcmread(f, stop_before_pixels=True)

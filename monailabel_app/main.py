@@ -18,12 +18,12 @@ from lib.datastore import HLIPDicomWebDatastore, StudyFolderDatastore
 from lib.index import StudyIndexer, model_fingerprint
 from lib.infers import HLIPFindings
 from lib.service import HLIPService
+from lib.sessions import StudySessions
 from lib.worker import InferenceWorker
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.utils.sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class HLIPApp(MONAILabelApp):
         task: HLIPFindings = self._infers["hlip_findings"]
         self.indexer = StudyIndexer(self._datastore, self.worker,
                                     lambda study: task.embed(study, self._datastore.study_files),
-                                    cache / "index" / model_fingerprint(self.hlip_config.checkpoint, self.hlip_config.precision),
+                                    cache / "index" / model_fingerprint(self.hlip_config.checkpoint, self.hlip_config.precision, self.hlip_config.volume_modality),
                                     rescan_seconds=self.hlip_config.rescan_seconds, enabled=self.hlip_config.index)
         self.hlip = HLIPService(self.hlip_config, self._datastore, task, self.worker, self.indexer, self._sessions)
 
@@ -71,7 +71,7 @@ class HLIPApp(MONAILabelApp):
         if not load:
             return None
         path = settings.MONAI_LABEL_SESSION_PATH.strip() or str(self.hlip_config.cache_dir / "sessions")
-        return Sessions(path, settings.MONAI_LABEL_SESSION_EXPIRY)
+        return StudySessions(path, settings.MONAI_LABEL_SESSION_EXPIRY)
 
     def on_init_complete(self):
         super().on_init_complete()

@@ -24,7 +24,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 APP_DIR = REPO / "monailabel_app"
-REAL_MRI = Path("/work/shared/data/mri-t1w-dicom")
 if str(REPO) not in sys.path:  # the ASGI module is imported as monailabel_app.asgi, from the repository root
     sys.path.insert(0, str(REPO))
 
@@ -127,9 +126,11 @@ def subsampled_real_mri(folder: Path, every: int = 16) -> list[Path]:
     """Every ``every``-th slice of the real T1w series (positions stay consistent: a coarser series)."""
     import pydicom
 
-    files = sorted(REAL_MRI.rglob("*.dcm"))
+    from realdata import real_mri_dicom_dir
+
+    files = sorted(real_mri_dicom_dir().rglob("*.dcm"))
     if not files:
-        pytest.fail(f"the real MRI series is missing from {REAL_MRI}", pytrace=False)
+        pytest.fail(f"the real MRI series is missing from {real_mri_dicom_dir()}", pytrace=False)
     normal = None
     keyed = []
     for f in files:

@@ -204,6 +204,79 @@ def test_an_uploaded_study_is_scored_by_session(server, tmp_path):
     assert r.json()["study_id"] == session_id and len(r.json()["findings"]) == 2
 
 
+def write_volume(path: Path, hounsfield: bool, seed: int = 0) -> Path:
+    """A 20x40x48 volume: CT-like (air at -1000 HU, tissue around 40 HU) or MR-like (0..1000)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    if hounsfield:
+        vol = np.full((20, 40, 48), -1000.0, np.float32)
+        vol[4:16, 8:32, 8:40] = 40 + 20 * rng.standard_normal((12, 24, 32))
+    else:
+        vol = (rng.random((20, 40, 48)) * 1000).astype(np.float32)
+    image = sitk.GetImageFromArray(vol)
+    image.SetSpacing((0.8, 0.8, 2.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def upload(client, paths, scans=None):
+    files = [("files", (p.name, p.read_bytes(), "application/gzip")) for p in paths]
+    return client.put("/session/", files=files, data={"scans": json.dumps(scans)} if scans is not None else None)
+
+
+def test_an_upload_names_the_modality_of_each_volume(server, tmp_path):
+    client = server["client"]
+    head_ct = write_volume(tmp_path / "head_ct.nii.gz", hounsfield=True, seed=1)
+    t1 = write_volume(tmp_path / "t1.nii.gz", hounsfield=False, seed=2)
+    unnamed_ct = write_volume(tmp_path / "unnamed.nii.gz", hounsfield=True, seed=3)  # an older client: no modality
+    said_mr = write_volume(tmp_path / "said_mr.nii.gz", hounsfield=True, seed=4)  # the client's word wins over "auto"
+    created = upload(client, [head_ct, t1, unnamed_ct, said_mr],
+                     [{"file": "head_ct.nii.gz", "modality": "CT"}, {"file": "t1.nii.gz", "modality": "mr"},
+                      {"file": "said_mr.nii.gz", "modality": "MR"}, {"file": "unnamed.nii.gz"}])
+    assert created.status_code == 200, created.text
+    assert created.json()["scans"] == [{"file": "head_ct.nii.gz", "modality": "CT"}, {"file": "t1.nii.gz", "modality": "MR"},
+                                       {"file": "unnamed.nii.gz", "modality": "auto"}, {"file": "said_mr.nii.gz", "modality": "MR"}]
+    r = infer(client, None, {"findings": FINDINGS}, session_id=created.json()["session_id"])
+    assert r.status_code == 200, r.text
+    used = {s["image_id"]: s["modality"] for s in r.json()["scans"]}
+    assert used == {"head_ct.nii.gz": "CT", "t1.nii.gz": "MR", "unnamed.nii.gz": "CT", "said_mr.nii.gz": "MR"}
+    for row in r.json()["findings"]:
+        assert row["scan_modality"] == used[row["image_id"]]
+
+
+def test_the_modality_changes_what_the_model_reads(server, tmp_path):
+    client = server["client"]
+    volume = write_volume(tmp_path / "scan.nii.gz", hounsfield=True, seed=5)
+    answers = {}
+    for modality in ("CT", "MR"):
+        session = upload(client, [volume], [{"file": "scan.nii.gz", "modality": modality}]).json()["session_id"]
+        answer = infer(client, None, {"findings": FINDINGS}, session_id=session).json()
+        assert [row["scan_modality"] for row in answer["findings"]] == [modality] * len(FINDINGS)
+        answers[modality] = [row["score"] for row in answer["findings"]]
+    assert answers["CT"] != answers["MR"]  # a Hounsfield window and a percentile clip give the model different voxels
+
+
+def test_an_upload_without_a_usable_volume_is_answered_with_the_reason(server, tmp_path):
+    import SimpleITK as sitk
+
+    path = tmp_path / "two_slices.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((2, 16, 16), np.float32)), str(path))  # readable, but no volume
+    created = upload(server["client"], [path])
+    assert created.status_code == 200, created.text
+    r = infer(server["client"], None, {"findings": FINDINGS}, session_id=created.json()["session_id"])
+    assert r.status_code == 422 and "no usable scan" in r.json()["detail"] and "too few slices" in r.json()["detail"]
+
+
+def test_status_reports_the_queue_the_cache_and_the_datastore(server):
+    status = server["client"].get("/hlip/status").json()
+    assert status["worker"]["max_queue"] == MAX_QUEUE and status["worker"]["done"] > 0
+    assert status["index"]["indexed"] >= 3 and status["index"]["failed"] >= 1  # reportonly cannot be embedded
+    assert status["datastore"]["scanned"] is True and status["datastore"]["studies"] >= 4
+    assert status["cache_dir"] == str(server["cache"])
+
+
 def test_search_similar_and_the_list_of_studies(server):
     client = server["client"]
     studies = {s["study_id"]: s for s in client.get("/hlip/studies").json()["studies"]}
@@ -313,7 +386,22 @@ ERRORS = [
     ("get", "/session/%2E%2E", {}, 400, "contains '..'"),
     ("put", "/session/", {"json": {"files": []}}, 400, "multipart/form-data"),
     ("put", "/session/", {"files": {"other": ("a.nii.gz", b"x")}}, 400, "no files in the upload"),
-    ("put", "/session/", {"files": {"files": ("notes.txt", b"hello")}}, 400, "neither DICOM nor NIfTI"),
+    ("put", "/session/", {"files": {"files": ("notes.txt", b"hello")}}, 400, "'notes.txt' is neither DICOM nor a NIfTI"),
+    ("put", "/session/", {"files": {"files": ("scan0.nii.gz", b"\x1f\x8b truncated")}}, 400, "'scan0.nii.gz' is not a readable NIfTI"),
+    ("put", "/session/", {"files": {"files": ("scan0.nii", b"\0" * 400)}}, 400, "'scan0.nii' is not a readable NIfTI"),
+    ("put", "/session/", {"files": {"files": ("a.nii.gz", b"x")}, "data": {"scans": "[{"}}, 400, "the 'scans' field is not valid JSON"),
+    ("put", "/session/", {"files": {"files": ("a.nii.gz", b"x")}, "data": {"scans": '{"file": "a.nii.gz"}'}}, 400,
+     "'scans' field must be a JSON list of objects with a 'file' name"),
+    ("put", "/session/", {"files": {"files": ("a.nii.gz", b"x")}, "data": {"scans": '[{"file": "b.nii.gz", "modality": "CT"}]'}}, 400,
+     "names 'b.nii.gz', which is not a file of this upload"),
+    ("put", "/session/", {"files": {"files": ("a.nii.gz", b"x")}, "data": {"scans": '[{"file": "a.nii.gz", "modality": "brain"}]'}}, 400,
+     "the modality of 'a.nii.gz' must be \"auto\" or a DICOM modality code"),
+    ("put", "/session/", {"files": {"files": ("a.nii.gz", b"x")}, "data": {"scans": '[{"file": "a.nii.gz", "kind": "CT"}]'}}, 400,
+     "unknown key(s) kind"),
+    ("put", "/session/", {"files": [("files", ("a.nii.gz", b"x")), ("files", ("a.nii.gz", b"y"))],
+                          "data": {"scans": '[{"file": "a.nii.gz", "modality": "CT"}]'}}, 400, "uploaded more than once"),
+    ("put", "/session/?uncompress=true", {"files": {"files": ("a.zip", b"x")}, "data": {"scans": '[{"file": "a.zip"}]'}}, 400,
+     "cannot name the files inside an archive"),
     ("put", "/session/?uncompress=true", {"files": {"files": ("a.zip", b"not a zip")}}, 400, "uncompress=true needs one .zip"),
     ("put", "/session/", {"files": {"files": ("big.nii.gz", b"\0" * (3 * 1024 * 1024))}}, 413, "max_upload_mb"),
     ("put", "/datastore/image?image=new", {"files": {"file": ("new.nii.gz", b"x")}}, 405, "read-only"),
@@ -350,3 +438,51 @@ def test_attacks_touch_no_file_outside_the_datastore_and_the_cache(server, tmp_p
     assert not written, f"written outside the cache: {written[:10]}"
     assert len([p for p, w in AUDIT.events if w and p.startswith(str(cache))]) > 3  # the audit did see the server's own writes
     assert {p: p.stat().st_mtime_ns for p in studies.rglob("*")} == before, "the studies folder was modified"
+
+
+def test_the_cache_fills_in_the_background_without_holding_requests(server):
+    """Four study folders copied in while the server runs, each taking the model 0.4 s to embed:
+    a findings request and a search are answered while the cache is still filling, and the new
+    studies are then embedded and searchable."""
+    import shutil
+
+    client, service, studies = server["client"], server["service"], server["studies"]
+    indexer = service.indexer
+    embed = indexer.embed_fn
+
+    def slow_embed(study):
+        time.sleep(0.4)
+        return embed(study)
+
+    indexer.embed_fn = slow_embed
+    added = [f"added{i}" for i in range(4)]
+    try:
+        infer(client, "nifti1", {"findings": ["mass effect"]})  # the study is loaded and prepared
+        for i, name in enumerate(added):
+            write_nifti_study(studies / name, n_scans=1, seed=30 + i)
+        indexer.poke()
+        deadline = time.monotonic() + 10
+        while indexer.counts()["embedding"] is None:
+            assert time.monotonic() < deadline, "the new studies were not picked up"
+            time.sleep(0.02)
+        start = time.perf_counter()
+        answer = infer(client, "nifti1", {"findings": ["a finding asked while the cache fills"]})
+        elapsed = time.perf_counter() - start
+        found = client.get("/hlip/search", params={"text": "mass effect"})
+        pending = indexer.counts()["pending"]
+        assert answer.status_code == 200 and found.status_code == 200
+        assert pending >= 2, f"the request waited for the background work ({pending} studies pending when it was answered)"
+        assert elapsed < 1.5, f"a findings request took {elapsed:.2f} s while the cache filled"
+        deadline = time.monotonic() + 30
+        while indexer.counts()["pending"]:
+            assert time.monotonic() < deadline, f"the new studies were not embedded: {service.status()}"
+            time.sleep(0.1)
+        listed = {s["study_id"]: s for s in client.get("/hlip/studies").json()["studies"]}
+        assert all(listed[name]["embedded"] for name in added)
+        found = client.get("/hlip/search", params={"text": "mass effect", "k": 20}).json()
+        assert set(added) <= {r["study_id"] for r in found["results"]}
+    finally:
+        indexer.embed_fn = embed
+        for name in added:
+            shutil.rmtree(studies / name, ignore_errors=True)
+        indexer.poke()

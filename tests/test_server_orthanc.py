@@ -117,7 +117,10 @@ def test_pacs_ids_cannot_reach_files(pacs):
         assert r.status_code in (400, 404) and "detail" in r.json()
         r = requests.post(f"{server}/infer/hlip_findings", params={"image": image}, json={"findings": ["a"]}, timeout=30)
         assert r.status_code in (400, 404) and "detail" in r.json()
-    downloaded = {p.name for p in (cache / "dicomweb").glob("*/*") if p.is_dir() and not p.name.startswith((".", "labels"))}
-    assert downloaded <= {STUDY_A + ".1", STUDY_A + ".2", STUDY_C + ".1", pacs["real_series"]}, downloaded
+    known = {STUDY_A + ".1", STUDY_A + ".2", STUDY_C + ".1", pacs["real_series"]}
+    downloaded = {p.name for p in (cache / "dicomweb").glob("*/*") if p.is_dir() and p.parent.name != "volumes"
+                  and not p.name.startswith((".", "labels"))}
+    converted = {p.name[: -len(".nii.gz")] for p in (cache / "dicomweb" / "volumes").glob("*.nii.gz")}
+    assert downloaded <= known and converted <= known and pacs["real_series"] in converted, (downloaded, converted)
     assert not (pacs["tmp"] / "server" / "home" / ".cache" / "monailabel").exists()  # MONAI Label's default cache unused
     assert not os.path.exists("/etc/passwd.nii.gz")

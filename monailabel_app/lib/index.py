@@ -28,9 +28,10 @@ MANIFEST = "embedded.json"
 SAVE_EVERY_SECONDS = 5.0
 
 
-def model_fingerprint(checkpoint: str | os.PathLike, precision: str) -> str:
-    """Changes when the checkpoint's weights or configuration change (or the precision)."""
-    h = hashlib.sha256(precision.encode())
+def model_fingerprint(checkpoint: str | os.PathLike, *settings: str) -> str:
+    """Changes when the checkpoint's weights or configuration change, or any of ``settings`` (the
+    precision, the modality given to volume files: whatever changes a study's embedding)."""
+    h = hashlib.sha256("\0".join(settings).encode())
     folder = Path(checkpoint)
     for f in sorted(folder.iterdir()):
         if f.is_file():

@@ -35,6 +35,7 @@ from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoun
 from monailabel.interfaces.utils.app import app_instance, apps, clear_cache
 from monailabel.utils.others.generic import file_checksum, get_mime_type
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .datastore.catalog import unsafe_id_reason
 
@@ -132,6 +133,9 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
         raise
     except ValueError as e:  # NoUsableScanError: the study's series cannot be used (the reasons are in the message)
         raise HTTPException(status_code=422, detail=str(e)) from None
+    except FileNotFoundError:  # deleted from the studies folder (or the session expired) since it was listed
+        raise HTTPException(status_code=404, detail=f"files of {'image ' + image if image else 'session ' + session_id} "
+                                                    "are gone from the datastore; list the studies again") from None
     return send_body(*answer) if heatmaps else JSONResponse(answer)
 
 
@@ -165,12 +169,55 @@ def api_download_image(image: str, user: User = USER):
     return FileResponse(path, media_type=get_mime_type(path), filename=os.path.basename(path))
 
 
-def _looks_usable(path: str) -> bool:
+def _unusable_reason(path: str) -> str | None:
+    """Why an uploaded file is not a volume the ingestion can read (None when it looks fine): volume
+    files must have a readable header, anything else must be DICOM (the 'DICM' preamble)."""
     if path.lower().endswith(VOLUME_EXTENSIONS):
-        return True
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return "is not a readable NIfTI/NRRD/MHA volume"
+        return None
     with open(path, "rb") as f:
         head = f.read(132)
-    return head[128:132] == b"DICM"
+    return None if head[128:132] == b"DICM" else "is neither DICOM nor a NIfTI/NRRD/MHA volume"
+
+
+def _modalities(scans: str | None, sent: dict[str, str]) -> dict[str, str]:
+    """The ``scans`` form field, ``[{"file": <name as sent>, "modality": "CT"}, ...]``, as
+    {stored file name: modality}; ``sent`` maps each sent file name to its stored name."""
+    from .configs.hlip import modality_code
+
+    if scans is None or not scans.strip():
+        return {}
+    try:
+        items = json.loads(scans)
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=f"the 'scans' field is not valid JSON ({e})") from None
+    example = '[{"file": "scan00.nii.gz", "modality": "CT"}]'
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("file"), str) for i in items):
+        raise HTTPException(status_code=400, detail=f"the 'scans' field must be a JSON list of objects with a 'file' name, e.g. {example}")
+    out: dict[str, str] = {}
+    for item in items:
+        name = item["file"]
+        if name not in sent:
+            raise HTTPException(status_code=400, detail=f"the 'scans' field names {name[:80]!r}, which is not a file of this upload")
+        if sent[name] is None:
+            raise HTTPException(status_code=400, detail=f"{name[:80]!r} was uploaded more than once; the 'scans' field cannot tell which is meant")
+        unknown = sorted(set(item) - {"file", "modality"})
+        if unknown:
+            raise HTTPException(status_code=400, detail=f"the 'scans' entry of {name[:80]!r} has unknown key(s) {', '.join(unknown)}; known: file, modality")
+        if item.get("modality") is None:
+            continue
+        try:
+            out[sent[name]] = modality_code(item["modality"], f"the modality of {name[:80]!r}")
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+    return out
 
 
 def _safe_extract(archive: str, target: str, limit: int) -> None:
@@ -201,21 +248,25 @@ def _safe_extract(archive: str, target: str, limit: int) -> None:
     raise HTTPException(status_code=400, detail="uncompress=true needs one .zip or .tar(.gz) file")
 
 
-def _store_session(files: list, uncompress: bool, expiry: int) -> dict:
+def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int) -> dict:
     service = hlip()
     if service.sessions is None:
         raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false)")
+    if uncompress and scans:
+        raise HTTPException(status_code=400, detail="the 'scans' field names uploaded files; it cannot name the files inside an archive (uncompress=true)")
     received = tempfile.mkdtemp(prefix="upload-")
     try:
-        names = []
+        names, sent = [], {}
         for i, f in enumerate(files):
             name = os.path.basename((f.filename or "").replace("\\", "/"))
             if not name or unsafe_id_reason(name):
                 name = f"file{i:05d}"
-            path = os.path.join(received, f"{i:05d}_{name}" if name in names else name)
+            stored = f"{i:05d}_{name}" if name in names else name  # never a path from the client, never twice
             names.append(name)
-            with open(path, "wb") as out:
+            sent[f.filename] = None if f.filename in sent else stored
+            with open(os.path.join(received, stored), "wb") as out:
                 shutil.copyfileobj(f.file, out)
+        modalities = _modalities(scans, sent)
         if uncompress:
             if len(files) != 1:
                 raise HTTPException(status_code=400, detail="uncompress=true needs exactly one archive file")
@@ -231,12 +282,16 @@ def _store_session(files: list, uncompress: bool, expiry: int) -> dict:
         stored = sorted(os.listdir(received))
         if not stored:
             raise HTTPException(status_code=400, detail="the upload holds no files")
-        bad = [n for n in stored if not _looks_usable(os.path.join(received, n))]
+        bad = [(n, r) for n in stored for r in [_unusable_reason(os.path.join(received, n))] if r]
         if bad:
-            raise HTTPException(status_code=400, detail=f"{len(bad)} uploaded file(s) are neither DICOM nor NIfTI/NRRD/MHA volumes, e.g. {bad[0]!r}")
+            more = f" ({len(bad)} such files)" if len(bad) > 1 else ""
+            raise HTTPException(status_code=400, detail=f"uploaded file {bad[0][0][:80]!r} {bad[0][1]}{more}")
         source = received if len(stored) > 1 else os.path.join(received, stored[0])
-        session_id, info = service.sessions.add_session(source, expiry)
-        return {"session_id": session_id, "session_info": info.to_json()}
+        session_id, info = service.sessions.add_study(source, expiry, {"modalities": modalities})
+        default = service.config.volume_modality
+        understood = [{"file": name, "modality": modalities.get(where, default)} for name, where in sent.items()
+                      if where is not None and where.lower().endswith(VOLUME_EXTENSIONS)] if not uncompress else []
+        return {"session_id": session_id, "session_info": info.to_json(), "scans": understood}
     finally:
         shutil.rmtree(received, ignore_errors=True)  # moved into the session store on success
 
@@ -251,7 +306,10 @@ async def api_create_session(request: Request, uncompress: bool = False, expiry:
         files = [f for f in form.getlist("files") if not isinstance(f, str)]
         if not files:
             raise HTTPException(status_code=400, detail="no files in the upload; send the study's volumes as fields named 'files'")
-        return await run_in_threadpool(_store_session, files, uncompress, expiry)
+        scans = form.get("scans")
+        if scans is not None and not isinstance(scans, str):  # sent as a file part: read it (it is small)
+            scans = (await scans.read(1 << 20)).decode("utf-8", "replace")
+        return await run_in_threadpool(_store_session, files, scans, uncompress, expiry)
     finally:
         await form.close()
 
@@ -306,6 +364,12 @@ async def on_upstream_error(request: Request, exc):
         return JSONResponse(status_code=401, content={"detail": "the identity provider refused this user name and password"},
                             headers={"WWW-Authenticate": "Bearer"})
     return JSONResponse(status_code=502, content={"detail": f"a server this one depends on did not answer properly ({type(exc).__name__}: {exc})"})
+
+
+async def on_client_gone(request: Request, exc: ClientDisconnect):
+    # the client hung up mid-upload (a cancel): nothing to answer, nothing wrong with the server
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    return JSONResponse(status_code=400, content={"detail": "the client disconnected before the request was complete"})
 
 
 async def on_any_error(request: Request, exc: Exception):
@@ -410,6 +474,7 @@ def install(app) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(MONAILabelException, on_monailabel_error)
     app.add_exception_handler(requests.RequestException, on_upstream_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_any_error)
     app.add_middleware(GuardMiddleware)
     if settings.MONAI_LABEL_AUTH_ENABLE:

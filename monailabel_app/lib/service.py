@@ -69,7 +69,8 @@ class HLIPService:
         image = info.image
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(image) for f in fs) if os.path.isdir(image) else [image]
         files = [f for f in files if os.path.basename(f) != "meta.info"]
-        scans = [ScanEntry(os.path.basename(f), os.path.basename(f), "", [f]) for f in files]
+        modalities = (info.meta or {}).get("modalities", {})  # what the upload's 'scans' field said
+        scans = [ScanEntry(os.path.basename(f), os.path.basename(f), modalities.get(os.path.basename(f), ""), [f]) for f in files]
         return StudyEntry(session_id, scans, signature="", temporary=True)
 
     def files_of(self, study: StudyEntry) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,31 @@ def _bool(value: str | bool, key: str) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"--conf {key} must be true or false, got {value!r}")
+
+
+# DICOM Modality codes of images a volume file may be (CT and MR are what the models are trained on;
+# "CT" is normalised with a Hounsfield window, every other code by its own percentiles)
+MODALITIES = ("CT", "MR", "PT", "NM", "US", "XA", "RF", "CR", "DX", "MG", "OT")
+
+
+def modality_code(value, what: str) -> str:
+    """``value`` as a DICOM modality code or "auto" (CT when the 1st percentile is below -500 HU)."""
+    code = str(value).strip()
+    if code.lower() == "auto":
+        return "auto"
+    if code.upper() not in MODALITIES:
+        raise ValueError(f"{what} must be \"auto\" or a DICOM modality code ({', '.join(MODALITIES)}), got {str(value)[:40]!r}")
+    return code.upper()
+
+
+def _float(value, key: str, lo: float, hi: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--conf {key} must be a number, got {value!r}") from None
+    if not lo <= x <= hi:
+        raise ValueError(f"--conf {key} must be between {lo:g} and {hi:g}, got {x:g}")
+    return x
 
 
 def _int(value, key: str, lo: int, hi: int) -> int:
@@ -56,11 +82,12 @@ class HLIPConfig:
     index: bool = True  # keep the datastore's embedding cache filled in the background
     rescan_seconds: float = 30.0  # how often the datastore is checked for new or changed studies
     prepared_cache: int = 4  # studies kept loaded and preprocessed in memory
+    volume_modality: str = "auto"  # modality of NIfTI/NRRD/MHA volumes that do not say theirs ("auto": CT if it holds HU)
 
     @classmethod
     def from_conf(cls, conf: dict, studies: str) -> "HLIPConfig":
         known = {"checkpoint", "cache_dir", "device", "precision", "findings", "heatmaps", "max_upload_mb", "max_queue",
-                 "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "server_mode"}
+                 "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "volume_modality", "server_mode"}
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ValueError(f"unknown --conf key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'server_mode'}))}")
@@ -88,11 +115,22 @@ class HLIPConfig:
             max_findings=_int(conf.get("max_findings", 32), "max_findings", 1, 1000),
             threads=_int(conf.get("threads", max(1, min(8, (os.cpu_count() or 2) // 2))), "threads", 1, 256),
             index=_bool(conf.get("index", True), "index"),
-            rescan_seconds=float(conf.get("rescan_seconds", 30.0)),
+            rescan_seconds=_float(conf.get("rescan_seconds", 30.0), "rescan_seconds", 0.1, 86400),
             prepared_cache=_int(conf.get("prepared_cache", 4), "prepared_cache", 0, 1000),
+            volume_modality=modality_code(conf.get("volume_modality", "auto"), "--conf volume_modality"),
         )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"--conf precision must be fp32 or bf16, got {cfg.precision!r}")
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.device):
+            raise ValueError(f"--conf device must be cpu, cuda, cuda:<n> or mps, got {cfg.device!r}")
+        from hlip_core.eval.zeroshot import findings_from_text
+
+        try:  # the same rules as a request's findings, checked now rather than at the first request
+            findings_from_text(cfg.findings)
+        except ValueError as e:
+            raise ValueError(f"--conf findings: {e}") from None
+        if len(cfg.findings) > cfg.max_findings:
+            raise ValueError(f"--conf findings lists {len(cfg.findings)} findings; --conf max_findings is {cfg.max_findings}")
         return cfg
 
     @property

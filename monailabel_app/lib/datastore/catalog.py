@@ -43,7 +43,10 @@ class ScanEntry:
     series_uid: str | None = None
 
     def public(self) -> dict:
-        return {"image_id": self.image_id, "description": self.description}
+        out = {"image_id": self.image_id, "description": self.description}
+        if self.modality:
+            out["modality"] = self.modality
+        return out
 
 
 @dataclass

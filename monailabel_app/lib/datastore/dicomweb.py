@@ -3,7 +3,8 @@ one StudyInstanceUID; an image id is a SeriesInstanceUID (as in MONAI Label's DI
 
 Series are downloaded once into the cache (``<cache>/<md5 of the URL>/<SeriesInstanceUID>/``, the
 folder MONAI Label's own datastore uses), atomically, so a broken download is never taken for a
-complete one.
+complete one. A series asked for as a volume (``GET /datastore/image``) is converted once by the
+project's ingestion into ``<cache>/volumes/<SeriesInstanceUID>.nii.gz``, the grid of its heat maps.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import os
 import shutil
 import threading
 import uuid
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 
 from .catalog import ScanEntry, StudyCatalog, StudyEntry, signature_of, unsafe_id_reason
+from .volumes import series_volume
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
         super().__init__(client=client, search_filter={}, cache_path=cache_path, **kwargs)
         self.catalog = StudyCatalog()
         self._download_lock = threading.Lock()
-        self._convert_lock = threading.Lock()
+        # beside MONAI Label's folder for this URL, not in it: that folder is watched and indexed by MONAI Label
+        self.volumes_dir = os.path.join(cache_path, "volumes")
 
     @classmethod
     def from_settings(cls, url: str, cache_dir) -> "HLIPDicomWebDatastore":
@@ -118,12 +122,14 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
     # -- MONAI Label's interface, kept consistent with the catalog --------------------------------
 
     def get_image_uri(self, image_id: str) -> str:
-        if unsafe_id_reason(image_id) or self.catalog.scan(image_id) is None:
+        """The series as NIfTI, converted by the ingestion the model uses (not MONAI Label's own
+        conversion), so that heat maps overlay it exactly; "" for an id that is no known series."""
+        scan = self.catalog.scan(image_id) if not unsafe_id_reason(image_id) else None
+        if scan is None:
             return ""  # MONAI Label answers 404; an id never becomes a path unless it is a known series
         study = self.catalog.get(image_id)
-        self.study_files(StudyEntry(study.study_id, [self.catalog.scan(image_id)], ""))
-        with self._convert_lock:  # MONAI Label converts the series to NIfTI once and records it
-            return super().get_image_uri(image_id)
+        files = self.study_files(StudyEntry(study.study_id, [scan], ""))
+        return series_volume(files, Path(self.volumes_dir) / f"{image_id}.nii.gz", f"series {image_id} of study {study.study_id}")
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
         scan = self.catalog.scan(image_id) if not unsafe_id_reason(image_id) else None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,6 +22,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 
 from .catalog import ScanEntry, StudyCatalog, StudyEntry, signature_of, unsafe_id_reason
+from .volumes import series_volume
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class StudyFolderDatastore(Datastore):
         self.header_file = self.cache_dir / "catalog" / "dicom_headers.json"
         self.catalog = StudyCatalog()
         self._headers: dict[str, list] = self._load_headers()
-        self._volume_lock = threading.Lock()
         self._name = self.root.name
 
     # -- the catalog ----------------------------------------------------------------------------
@@ -216,25 +215,7 @@ class StudyFolderDatastore(Datastore):
         if scan.series_uid is None:
             return scan.files[0]
         study = self.catalog.get(image_id)
-        sig = signature_of([(f, os.stat(f).st_mtime_ns) for f in scan.files])
-        out = self.volumes_dir / f"{image_id}.nii.gz"
-        stamp = self.volumes_dir / f"{image_id}.sig"
-        with self._volume_lock:
-            if out.is_file() and stamp.is_file() and stamp.read_text() == sig:
-                return str(out)
-            import SimpleITK as sitk
-            from hlip_core.data import load_study
-
-            loaded = load_study(list(scan.files))
-            if not loaded.scans:
-                reasons = "; ".join(str(s) for s in loaded.skipped[:5])
-                raise HTTPException(status_code=422, detail=f"image {image_id} of study {study.study_id} is not a usable volume ({reasons})")
-            self.volumes_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.volumes_dir / f".{uuid.uuid4().hex}.nii.gz"
-            sitk.WriteImage(loaded.scans[0].image, str(tmp), True)
-            os.replace(tmp, out)
-            stamp.write_text(sig)
-            return str(out)
+        return series_volume(scan.files, self.volumes_dir / f"{image_id}.nii.gz", f"image {image_id} of study {study.study_id}")
 
     # -- MONAI Label's Datastore interface (read-only) -------------------------------------------
 

@@ -19,6 +19,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from ..configs import HLIPConfig
+from ..datastore.folder import volume_stem
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class HLIPFindings(InferTask):
         self.predictor = StudyPredictor.load(config.checkpoint, device=config.device, precision=config.precision)
         self.prepared = LRU(config.prepared_cache)  # (study id, signature) -> PreparedStudy
         self.answers = LRU(8192)  # (study id, signature, finding) -> finding's JSON (without heat map)
-        self.skipped = LRU(1024)  # (study id, signature) -> series the ingestion could not use, with reasons
+        self.studies = LRU(1024)  # (study id, signature) -> {"scans": what the model read, "skipped": what it could not use}
         self.tmp = Path(config.cache_dir) / "tmp"
 
     def is_valid(self) -> bool:
@@ -73,45 +74,68 @@ class HLIPFindings(InferTask):
         hit = None if study.temporary else self.prepared.get_item(key)
         if hit is not None:
             return hit
-        prepared = self.predictor.prepare(files_of(study), study_id=study.study_id)
+        prepared = self.predictor.prepare(self.load(study, files_of(study)), study_id=study.study_id)
         prepared.study_id = study.study_id  # the catalog's id (a folder name or StudyInstanceUID) is the one clients use
         if not study.temporary:
             self.prepared.put(key, prepared)
         return prepared
+
+    def load(self, study, files: list[str]):
+        """The study's files read by the ingestion, each volume file with its modality: the one its
+        upload named, else ``--conf volume_modality`` (DICOM files carry their own)."""
+        from hlip_core.data import Study, load_study
+
+        named = {f: sc.modality for sc in study.scans if sc.modality for f in sc.files if volume_stem(os.path.basename(f))}
+        groups: dict[str, list[str]] = {}
+        for f in files:
+            groups.setdefault(named.get(f, self.conf.volume_modality), []).append(f)
+        if len(groups) <= 1:
+            return load_study(files, volume_modality=next(iter(groups), self.conf.volume_modality))
+        # one ingestion per modality, merged in the order of the files
+        loaded = [load_study(group, volume_modality=modality) for modality, group in groups.items()]
+        position = {f: i for i, f in enumerate(files)}
+        scans = sorted((sc for part in loaded for sc in part.scans), key=lambda sc: min(position.get(f, 0) for f in sc.files or [""]))
+        return Study(study.study_id, scans=scans, skipped=[s for part in loaded for s in part.skipped])
 
     def embed(self, study, files_of) -> np.ndarray:
         """The study's normalised embedding [E] for the search index."""
         return self.predictor.embed(self.prepare(study, files_of))[0]
 
     def predict(self, study, files_of, findings: list[str], heatmaps: bool) -> Tuple[dict, list]:
-        """JSON answer and, with heat maps, [(part name, NIfTI .nii.gz bytes)] in finding order."""
+        """JSON answer and, with heat maps, [(part name, NIfTI .nii.gz bytes)] in finding order.
+        The answer: study_id, findings (one row per finding), scans (each scan the model read, with
+        the modality it was preprocessed as), skipped (series the ingestion could not use, why)."""
         prepared = self.prepare(study, files_of)
         result = self.predictor.predict(prepared, findings, heatmaps=heatmaps)
-        images = {sc.scan_id: _image_id_of(sc.scan_id, study) for sc in prepared.scans}
-        skipped = [str(s) for s in prepared.skipped]
+        scans = [{"scan_id": sc.scan_id, "image_id": _image_id_of(sc, study), "description": sc.description, "modality": sc.modality}
+                 for sc in prepared.scans]
+        by_id = {sc["scan_id"]: sc for sc in scans}
+        about = {"scans": scans, "skipped": [str(s) for s in prepared.skipped]}
         if not study.temporary:
-            self.skipped.put((study.study_id, study.signature), skipped)
+            self.studies.put((study.study_id, study.signature), about)
         rows, parts = [], []
         for j, f in enumerate(result.findings):
+            scan = by_id[f.scan_id]
             row = {"finding": f.finding, "probability": f.probability, "score": f.score, "scan_id": f.scan_id,
-                   "scan_description": f.scan_description, "image_id": images.get(f.scan_id)}
+                   "scan_description": f.scan_description, "scan_modality": scan["modality"], "image_id": scan["image_id"]}
             if not study.temporary:
                 self.answers.put((study.study_id, study.signature, f.finding), dict(row))
             if heatmaps:
                 row["heatmap"] = f"heatmap_{j}"
                 parts.append((row["heatmap"], self._nifti_bytes(result.heatmaps[f.finding])))
             rows.append(row)
-        return {"study_id": study.study_id, "findings": rows, "skipped": skipped}, parts
+        return {"study_id": study.study_id, "findings": rows, **about}, parts
 
     def cached(self, study, findings: list[str]) -> dict | None:
         """The JSON answer from memory when every finding was answered for this study before."""
         if study.temporary:
             return None
         rows = [self.answers.get_item((study.study_id, study.signature, f)) for f in findings]
-        skipped = self.skipped.get_item((study.study_id, study.signature))
-        if skipped is None or any(r is None for r in rows):
+        about = self.studies.get_item((study.study_id, study.signature))
+        if about is None or any(r is None for r in rows):
             return None
-        return {"study_id": study.study_id, "findings": [dict(r) for r in rows], "skipped": list(skipped)}
+        return {"study_id": study.study_id, "findings": [dict(r) for r in rows], "scans": [dict(s) for s in about["scans"]],
+                "skipped": list(about["skipped"])}
 
     def _nifti_bytes(self, image) -> bytes:
         import SimpleITK as sitk
@@ -135,14 +159,16 @@ class HLIPFindings(InferTask):
                                   "POST /infer/hlip_findings?image=<image or study id> (or session_id=<upload session>)")
 
 
-def _image_id_of(scan_id: str, study) -> str | None:
-    """The datastore image a scan of the ingestion came from (series UID, file stem or image id)."""
+def _image_id_of(scan, study) -> str | None:
+    """The datastore image (or uploaded file) a PreparedScan of the ingestion came from: the catalog
+    scan holding its files, else the series whose UID it carries ("<uid>" or "<uid>_<k>" when the
+    ingestion split a series into several volumes; DICOMweb scans have no local files in the catalog)."""
+    files = set(scan.files)
     for sc in study.scans:
-        if scan_id in (sc.image_id, sc.series_uid):
+        if files & set(sc.files):
             return sc.image_id
     for sc in study.scans:
-        for f in sc.files:
-            name = os.path.basename(f)
-            if scan_id in (name, name.split(".")[0], f):
-                return sc.image_id
+        uid = sc.series_uid
+        if uid and (scan.scan_id == uid or scan.scan_id.startswith(uid + "_") and scan.scan_id[len(uid) + 1:].isdigit()):
+            return sc.image_id
     return None
