@@ -9,17 +9,21 @@ is two DICOM series: the real T1w brain series of ../shared/data (every 2nd slic
   never loaded: loading, preprocessing, embedding, one relevance pass per finding (a server with
   the background cache off, so nothing was loaded ahead); JSON only;
 - direct hlip_core call: ``StudyPredictor.predict(files, findings)`` on a new study in this process,
-  same threads; the server's overhead is (server - direct) / direct for that same work;
+  same threads, in turns with the server's requests (alternating which goes first, after one warm-up
+  of each); the server's overhead is (server - direct) / direct on the medians;
 - first request on a folder copied in after start-up (the request also reads its DICOM headers to
   learn its series), and the first request with heat maps (answer size too);
 - repeated request on a cached study (same findings: answered from memory), and new findings on
   a cached study (the preprocessed study is in memory; the model runs);
 - /info/ latency, measured from another process, while an inference with heat maps runs;
 - load: 8 clients, 200 requests (findings already answered, text search, /info/, similar);
-- seconds the background cache spends per study.
+- seconds the background cache spends per study;
+- with the tiny model, the Slicer module's upload-ask-heat-maps round trip against the same server
+  (``measure()`` of benchmarks/slicer_client.py, the Slicer helper's benchmark), so both figures
+  come from one command.
 
     python benchmarks/server.py                   # tiny and ViT-B
-    python benchmarks/server.py --configs tiny --threads 1
+    python benchmarks/server.py --configs tiny --threads 1 --slicer-repeats 0
 """
 from __future__ import annotations
 
@@ -39,12 +43,13 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from realdata import real_mri_dicom_dir  # noqa: E402
 from server_helpers import free_port, make_checkpoint, stop_process, wait_for, write_dicom_series  # noqa: E402
 
 CONFIGS = {
-    "tiny": ("tiny_multiscan_h2", (32, 64, 64), {"new": 5, "findings": 2}),
+    "tiny": ("tiny_multiscan_h2", (32, 64, 64), {"new": 9, "findings": 2}),
     "vitb": ("vit_base_multiscan_h2_token1176", (48, 224, 224), {"new": 2, "findings": 1}),
 }
 TEXTS = ["midline shift", "intracranial hemorrhage", "normal brain", "acute infarct", "white matter lesions"]
@@ -119,10 +124,12 @@ def server(studies: Path, checkpoint: Path, cache: Path, threads: int, tmp: Path
         stop_process(proc)
 
 
-def idle(url: str) -> dict:
+def idle(url: str, index: bool = True) -> dict:
+    """Wait until the datastore is scanned, the worker idle and (with the cache on) every study embedded."""
     while True:
         s = requests.get(f"{url}/hlip/status", timeout=60).json()
-        if s["datastore"].get("scanned") and s["index"]["pending"] == 0 and not s["worker"]["busy"] and s["index"]["embedding"] is None:
+        embedded = not index or (s["index"]["pending"] == 0 and s["index"]["embedding"] is None)
+        if s["datastore"].get("scanned") and not s["worker"]["busy"] and not s["worker"]["waiting"] and embedded:
             return s
         time.sleep(0.2)
 
@@ -134,7 +141,7 @@ def post(url: str, study: str, body: dict):
     return time.perf_counter() - start, r
 
 
-def run(name: str, threads: int, tmp: Path) -> dict:
+def run(name: str, threads: int, tmp: Path, slicer_repeats: int = 0) -> dict:
     import subprocess
 
     import torch
@@ -149,23 +156,35 @@ def run(name: str, threads: int, tmp: Path) -> dict:
     base.mkdir()
     files = make_study(base)
 
-    # 1. the same work directly and through the server: a study it knows (scanned at start-up) but never loaded
+    # 1. the same work directly and through the server, in turns: a study the server knows (scanned
+    #    at start-up) but never loaded, and a fresh copy of it for the direct call
     torch.set_num_threads(threads)
     predictor = StudyPredictor.load(checkpoint)
-    direct = []
-    for i in range(plan["new"]):
-        study_files = [str(p) for p in new_study(base, files, tmp / f"direct-{name}", f"d{i}")]
-        start = time.perf_counter()
-        predictor.predict(study_files, findings, heatmaps=False)
-        direct.append(time.perf_counter() - start)
-    out["direct_new_study_ms"] = median_ms(direct)
-    del predictor
     cold = tmp / f"cold-{name}"
-    for i in range(plan["new"]):
+    for i in range(plan["new"] + 1):
         new_study(base, files, cold, f"new{i}")
+    direct, served = [], []
     with server(cold, checkpoint, tmp / f"cache-cold-{name}", threads, tmp, index=False) as (url, startup):
         out["startup_s"] = startup
-        out["server_new_study_ms"] = median_ms([post(url, f"new{i}", {"findings": findings})[0] for i in range(plan["new"])])
+        idle(url, index=False)
+        post(url, f"new{plan['new']}", {"findings": findings})  # warm-up: first use of the text tower, allocator
+        predictor.predict([str(p) for p in new_study(base, files, tmp / f"direct-{name}", "warm")], findings)
+        for i in range(plan["new"]):
+            study_files = [str(p) for p in new_study(base, files, tmp / f"direct-{name}", f"d{i}")]
+
+            def direct_call():
+                start = time.perf_counter()
+                predictor.predict(study_files, findings, heatmaps=False)
+                direct.append(time.perf_counter() - start)
+
+            def server_call(i=i):
+                served.append(post(url, f"new{i}", {"findings": findings})[0])
+
+            for call in ((direct_call, server_call) if i % 2 == 0 else (server_call, direct_call)):  # alternate who goes first
+                call()
+    del predictor
+    out["direct_new_study_ms"], out["server_new_study_ms"] = median_ms(direct), median_ms(served)
+    out["direct_runs_ms"], out["server_runs_ms"] = [round(1000 * x) for x in direct], [round(1000 * x) for x in served]
     out["overhead_pct"] = 100 * (out["server_new_study_ms"] - out["direct_new_study_ms"]) / out["direct_new_study_ms"]
 
     # 2. a server that keeps its embedding cache: everything else
@@ -229,25 +248,34 @@ def run(name: str, threads: int, tmp: Path) -> dict:
             elapsed = time.perf_counter() - start
         out["load_rps"] = 200 / elapsed
         out["load_failures"] = sum(c != 200 for c in codes)
+
+        if slicer_repeats:  # the Slicer module's round trip against this same server (benchmarks/slicer_client.py)
+            import slicer_client
+
+            volumes = slicer_client.make_study(tmp / f"slicer-{name}", 4, (48, 192, 192))
+            out["slicer_client"] = slicer_client.measure(url, volumes, slicer_client.FINDINGS, slicer_repeats)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="tiny,vitb")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and for the direct call")
+    parser.add_argument("--configs", default="tiny,vitb", help="comma-separated, of: tiny, vitb (default: tiny,vitb)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and for the direct call (default: 1)")
+    parser.add_argument("--slicer-repeats", type=int, default=3,
+                        help="timed round trips per way of the Slicer client benchmark, run against the tiny server; 0: skip (default: 3)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="hlip-server-bench-") as tmp:
         for name in args.configs.split(","):
             print(f"-- {name} ...", flush=True)
-            rows.append(run(name, args.threads, Path(tmp)))
-            print(rows[-1], flush=True)
-    print(f"\ncommand: python benchmarks/server.py --configs {args.configs} --threads {args.threads}  ({os.cpu_count()} CPUs)")
+            rows.append(run(name, args.threads, Path(tmp), args.slicer_repeats if name == "tiny" else 0))
+            print({k: v for k, v in rows[-1].items() if k != "slicer_client"}, flush=True)
+    print(f"\ncommand: python benchmarks/server.py {' '.join(sys.argv[1:])}  ({os.cpu_count()} CPUs)".rstrip())
     keys = [("first request, new study (JSON)", "server_new_study_ms", "ms"), ("direct hlip_core predict, new study", "direct_new_study_ms", "ms"),
-            ("server overhead vs direct", "overhead_pct", "%"), ("first request, folder copied in after start-up", "server_unseen_folder_ms", "ms"),
+            ("server overhead vs direct (bar: < 10%)", "overhead_pct", "%"),
+            ("first request, folder copied in after start-up", "server_unseen_folder_ms", "ms"),
             ("first request, new study, with heat maps", "server_new_study_heatmaps_ms", "ms"),
-            ("heat-map answer size", "heatmap_response_mb", "MB"), ("repeated request, cached study (median)", "cached_repeat_ms", "ms"),
+            ("heat-map answer size", "heatmap_response_mb", "MB"), ("repeated request, cached study (median; bar tiny: < 100 ms)", "cached_repeat_ms", "ms"),
             ("repeated request, cached study (p95)", "cached_repeat_p95_ms", "ms"), ("new findings, cached study", "cached_study_new_findings_ms", "ms"),
             ("requests/s, 8 clients x 200 requests", "load_rps", "/s"), ("failed requests under load", "load_failures", ""),
             ("/info/ while the model runs (max)", "info_during_inference_max_ms", "ms"), ("/info/ while the model runs (median)", "info_during_inference_median_ms", "ms"),
@@ -257,6 +285,13 @@ def main() -> None:
     print("|---|" + "---|" * len(rows))
     for label, key, unit in keys:
         print(f"| {label} | " + " | ".join(f"{r[key]:.1f} {unit}".strip() if isinstance(r[key], float) else f"{r[key]} {unit}".strip() for r in rows) + " |")
+    for r in rows:
+        print(f"\n{r['config']}: new-study runs, direct {r['direct_runs_ms']} ms, server {r['server_runs_ms']} ms (in turns)")
+        if "slicer_client" in r:
+            import slicer_client
+
+            print(f"\nSlicer client round trip against the {r['config']} server (benchmarks/slicer_client.py measure()):")
+            print(slicer_client.report(r["slicer_client"]))
 
 
 if __name__ == "__main__":

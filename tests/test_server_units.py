@@ -351,3 +351,19 @@ def test_a_server_can_switch_heat_maps_off_and_bounds_the_findings(tmp_path):
     with pytest.raises(HTTPException) as e:
         service.findings_names({"findings": ["a", "b", "c"]})
     assert "at most 2" in e.value.detail
+
+
+def test_search_says_when_the_embedding_cache_is_switched_off(tmp_path):
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from monailabel_app.lib.service import HLIPService
+
+    (tmp_path / "ckpt").mkdir()
+    cfg = HLIPConfig.from_conf({"checkpoint": str(tmp_path / "ckpt"), "index": "false"}, "studies")
+    service = HLIPService(cfg, None, None, None, SimpleNamespace(enabled=cfg.index), None)
+    for ask in (lambda: service.search("mass effect", 5), lambda: service.similar("study1", 5)):
+        with pytest.raises(HTTPException) as e:
+            ask()
+        assert e.value.status_code == 409 and "--conf index false" in e.value.detail

@@ -115,8 +115,8 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
     params = await read_params(request)
     findings = service.findings_names(params)
     heatmaps = service.want_heatmaps(params)
-    if image:
-        study = await run_in_threadpool(service.resolve, image)
+    if image:  # a study the catalog knows is found at once; otherwise the datastore is asked (blocking I/O) off the loop
+        study = service.known(image) or await run_in_threadpool(service.resolve, image)
     else:
         study = await run_in_threadpool(service.session_study, session_id)
     if not heatmaps:

@@ -47,6 +47,10 @@ class HLIPService:
 
     # -- studies --------------------------------------------------------------------------------
 
+    def known(self, study_or_image_id: str) -> StudyEntry | None:
+        """The study of a study or image id already in the catalog (no I/O), else None."""
+        return None if unsafe_id_reason(study_or_image_id) else self.datastore.catalog.get(study_or_image_id)
+
     def resolve(self, study_or_image_id: str) -> StudyEntry:
         """The study of a study id or image id; looks in the datastore when it is not known yet (blocking I/O)."""
         check_id(study_or_image_id, "image or study id")
@@ -166,7 +170,12 @@ class HLIPService:
             out.append({"study_id": sid, "score": round(float(score), 6), "scans": [sc.public() for sc in study.scans]})
         return out
 
+    def _check_index(self) -> None:
+        if not self.indexer.enabled:
+            raise HTTPException(status_code=409, detail="search is switched off on this server: it keeps no embedding cache (--conf index false)")
+
     def search(self, text: str, k: int) -> dict:
+        self._check_index()
         text = " ".join((text or "").split())
         if not text:
             raise HTTPException(status_code=400, detail="the search text is empty; describe what to look for, e.g. \"midline shift\"")
@@ -177,6 +186,7 @@ class HLIPService:
         return {"query": text, "results": self._results(hits), **self._counts()}
 
     def similar(self, study_or_image_id: str, k: int) -> dict:
+        self._check_index()
         check_k(k)
         study = self.resolve(study_or_image_id)
         vector = self.indexer.vector(study.study_id)
@@ -194,7 +204,7 @@ class HLIPService:
         return {"indexed": c["indexed"], "pending": c["pending"]}
 
     def status(self) -> dict:
-        return {"worker": self.worker.status(), "index": {**self.indexer.counts(), **self.indexer.throughput()},
+        return {"worker": self.worker.status(), "index": {"enabled": self.indexer.enabled, **self.indexer.counts(), **self.indexer.throughput()},
                 "datastore": self.datastore.status(), "cache_dir": str(self.config.cache_dir)}
 
 
