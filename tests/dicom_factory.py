@@ -83,6 +83,8 @@ def _base(sop_class: str, modality: str, study_uid: str, series_uid: str, series
     ds.SeriesDescription = description
     ds.StudyDescription = "research study"
     ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.StudyID = "1"
     ds.AccessionNumber = ACCESSION
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
@@ -332,11 +334,11 @@ def write_undecodable(folder: str | os.PathLike, study_uid: str, *, n: int = 10,
     return files
 
 
-def truncate(path: str | os.PathLike, keep: float = 0.6) -> Path:
-    """Cut a file to ``keep`` of its length (an interrupted copy)."""
+def truncate(path: str | os.PathLike, keep: float = 0.6, keep_bytes: int | None = None) -> Path:
+    """Cut a file to ``keep`` of its length, or to ``keep_bytes`` (an interrupted copy)."""
     path = Path(path)
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    path.write_bytes(data[: keep_bytes if keep_bytes is not None else int(len(data) * keep)])
     return path
 
 

@@ -3,6 +3,7 @@ voxel and against SimpleITK's geometry), the real MRI series, NIfTI/NRRD/MHA fol
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,67 @@ def test_a_four_dimensional_volume_is_split_into_volumes(tmp_path):
     first = load_study(tmp_path, repeated="first")
     assert [s.scan_id for s in first.scans] == ["bold"]
     assert "kept 1" in str(first.skipped[0])
+
+
+# -- the fast header reader ------------------------------------------------------------------------
+
+
+def _pydicom_test_files() -> list[str]:
+    import pydicom
+
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    names = ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm",
+             "MR_small_RLE.dcm", "JPEG2000.dcm", "MR_small_jp2klossless.dcm", "rtstruct.dcm", "test-SR.dcm",
+             "liver_1frame.dcm", "nested_priv_SQ.dcm", "priv_SQ.dcm", "no_meta.dcm", "image_dfl.dcm", "rtdose.dcm"]
+    return [str(folder / n) for n in names if (folder / n).is_file()]
+
+
+def test_the_fast_header_reader_agrees_with_pydicom(tmp_path):
+    """Every header fact from the struct reader equals pydicom's reading of the same file: real
+    files in many encodings (pydicom's own test files, the real MRI) and the test series."""
+    from hlip_core.data.dicom import HeaderError, read_header
+
+    files = _pydicom_test_files() + [str(sorted(real_mri_dicom_dir().iterdir())[0])]
+    files += [str(write_series(tmp_path / "e", n=1, modality="MR").files[0]),
+              str(write_series(tmp_path / "i", n=1, transfer_syntax=pydicom_implicit()).files[0])]
+    assert len(files) >= 12
+    compared = 0
+    for f in files:
+        try:
+            slow = read_header(f, fast=False)
+        except HeaderError as exc:
+            with pytest.raises(HeaderError) as fast_exc:
+                read_header(f)
+            assert fast_exc.value.reason == exc.reason, f
+            continue
+        fast = read_header(f)
+        assert fast == slow, f
+        compared += 1
+    assert compared >= 10
+
+
+def pydicom_implicit():
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    return ImplicitVRLittleEndian
+
+
+def test_the_fast_reader_skips_sequences_of_undefined_length(tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from hlip_core.data.dicom import read_header
+
+    written = write_series(tmp_path / "s", n=1)
+    ds = pydicom.dcmread(written.files[0])
+    inner = Dataset()
+    inner.CodeValue = "X"
+    inner.add_new(0x00091010, "SQ", Sequence([Dataset()]))  # a nested private sequence
+    ds.add_new(0x00091001, "SQ", Sequence([inner, Dataset()]))
+    ds[0x00091001].is_undefined_length = True
+    ds.save_as(written.files[0], write_like_original=False)
+    fast, slow = read_header(str(written.files[0])), read_header(str(written.files[0]), fast=False)
+    assert fast == slow and fast.pixel_state == "native"
+    scan = load_study(written.files, min_slices=1).scans[0]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(scan.image), written.volume)

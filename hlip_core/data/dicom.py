@@ -23,11 +23,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .header import Fallback, FastFields, PydicomFields, read_fast
 from .types import IngestOptions, Skipped
 
 log = logging.getLogger(__name__)
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 # SOP classes that are never volumes, by prefix (the class name is reported)
 NON_IMAGE_CLASSES = {
@@ -108,15 +110,6 @@ class Instance:
     facts: dict = field(default_factory=dict)
 
 
-def _num(value, cast=float):
-    try:
-        if value is None or value == "":
-            return None
-        return cast(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _floats(value, n: int):
     try:
         out = tuple(float(v) for v in value)
@@ -125,18 +118,9 @@ def _floats(value, n: int):
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def looks_like_dicom(path: str) -> bool:
-    """True for a Part 10 file (DICM at byte 128) or a bare little-endian dataset starting with a
-    group 0x0002/0x0008 element (old exports without preamble)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
+def _dicom_head(head: bytes) -> bool:
+    """A Part 10 file (DICM at byte 128) or a bare little-endian dataset starting with a group
+    0x0002/0x0008 element (old exports without preamble)."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     if len(head) >= 8:
@@ -146,109 +130,112 @@ def looks_like_dicom(path: str) -> bool:
     return False
 
 
-def read_header(path: str) -> Instance:
-    """The header facts of one DICOM file, read without pixel data. Raises HeaderError."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if not looks_like_dicom(path):
-        raise HeaderError("not_dicom")
+def looks_like_dicom(path: str) -> bool:
+    """True when the first 132 bytes of ``path`` look like DICOM (see _dicom_head)."""
     try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warnings may quote element values
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True, specific_tags=_TAGS)
-            offset = fh.tell()
+        with open(path, "rb", buffering=0) as fh:
+            return _dicom_head(fh.read(132))
+    except OSError:
+        return False
+
+
+_WANTED = set(_TAGS) | {0x00080005, 0x00189087, 0x00189089, 0x00041220}
+
+
+def read_header(path: str, fast: bool = True) -> Instance:
+    """The header facts of one DICOM file, read without pixel data (``fast``: with the struct
+    reader of header.py, falling back to pydicom; False: with pydicom). Raises HeaderError."""
+    try:
+        with open(path, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
-            pixel_element = fh.read(12) if offset < size else b""
-            return _instance(path, ds, offset, size, pixel_element)
+            if not _dicom_head(fh.read(132)):
+                raise HeaderError("not_dicom")
+            fh.seek(0)
+            try:
+                if not fast:
+                    raise Fallback("pydicom asked for")
+                values, meta, syntax, offset = read_fast(fh, size, _WANTED)
+                fields = FastFields(values, meta, syntax)
+                if offset is None:
+                    offset, pixel_element = size, b""
+                else:
+                    fh.seek(offset)
+                    pixel_element = fh.read(12)
+            except Fallback:
+                fh.seek(0)
+                fields, offset, pixel_element = _read_pydicom(fh, size)
+            return _instance(path, fields, offset, size, pixel_element)
     except HeaderError:
         raise
-    except (InvalidDicomError, EOFError) as exc:
-        raise HeaderError("unreadable", type(exc).__name__) from None
-    except Exception as exc:  # a damaged header can raise nearly anything inside pydicom
+    except OSError as exc:
+        raise HeaderError("unreadable", f"cannot read ({type(exc).__name__})") from None
+    except Exception as exc:  # a damaged header can raise nearly anything inside a parser
         raise HeaderError("unreadable", type(exc).__name__) from None
 
 
-# Plain numbers, UIDs and code strings are read from the raw element bytes: pydicom's value
-# conversion took about half of the header time on the real MRI (384 files: 0.29 s -> see
-# benchmarks/ingest.py). Texts in a character set (descriptions) still go through pydicom.
-def _raw(ds, tag: int):
-    """bytes of an unconverted little-endian element, the converted value otherwise, or None."""
+def _read_pydicom(fh, size: int):
+    import io
+
+    import pydicom
+
+    reader = io.BufferedReader(fh, buffer_size=4096)  # a small buffer: little pixel data is read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warnings may quote element values
+        ds = pydicom.dcmread(reader, stop_before_pixels=True, force=True, specific_tags=list(_WANTED))
+    offset = reader.tell()
+    pixel_element = reader.read(12) if offset < size else b""
+    return PydicomFields(ds), offset, pixel_element
+
+
+def _num(value, cast=float):
     try:
-        elem = ds.get_item(tag)
-    except (KeyError, TypeError):
+        if value is None or value == "":
+            return None
+        return cast(value)
+    except (TypeError, ValueError):
         return None
-    if elem is None:
+
+
+def _first_text(fields, tag: int, cast=float):
+    text = fields.text(tag)
+    if not text:
         return None
-    value = elem.value
-    if isinstance(value, bytes) and type(elem).__name__ == "RawDataElement" and ds.is_little_endian:
-        return value
-    return ds[tag].value
+    return _num(text.split("\\")[0].strip(), cast)
 
 
-def _str(ds, tag: int) -> str:
-    v = _raw(ds, tag)
-    if v is None:
-        return ""
-    if isinstance(v, bytes):
-        return v.decode("ascii", "replace").strip(" \x00")
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
-        return "\\".join(str(x) for x in v)
-    return str(v).strip()
-
-
-def _strs(ds, tag: int) -> list[str]:
-    text = _str(ds, tag)
+def _texts(fields, tag: int) -> list[str]:
+    text = fields.text(tag)
     return [t.strip() for t in text.split("\\")] if text else []
 
 
-def _us(ds, tag: int) -> int | None:
-    v = _raw(ds, tag)
-    if isinstance(v, bytes):
-        return int.from_bytes(v[:2], "little") if len(v) >= 2 else None
-    return _num(_first(v), int)
-
-
-def _fnum(ds, tag: int, cast=float):
-    parts = _strs(ds, tag)
-    return _num(parts[0], cast) if parts else None
-
-
-def _fvec(ds, tag: int, n: int):
-    return _floats(_strs(ds, tag), n)
-
-
-def _instance(path: str, ds, offset: int, size: int, pixel_element: bytes) -> Instance:
-    meta = getattr(ds, "file_meta", None)
-    sop_class = _str(ds, 0x00080016) or (_text(meta.get("MediaStorageSOPClassUID")) if meta else "")
-    if sop_class == DICOMDIR_CLASS or "DirectoryRecordSequence" in ds:
+def _instance(path: str, f, offset: int, size: int, pixel_element: bytes) -> Instance:
+    sop_class = f.text(0x00080016) or f.meta_text(0x00020002)
+    if sop_class == DICOMDIR_CLASS or f.meta_text(0x00020002) == DICOMDIR_CLASS or f.has(0x00041220):
         raise HeaderError("dicomdir")
-    study_uid = _str(ds, 0x0020000D)
-    series_uid = _str(ds, 0x0020000E)
+    study_uid = f.text(0x0020000D)
+    series_uid = f.text(0x0020000E)
     if not study_uid or not series_uid:
         raise HeaderError("unreadable", "no Study/Series Instance UID")
-    syntax = _text(meta.get("TransferSyntaxUID")) if meta else ""
-    if not syntax:
-        syntax = "1.2.840.10008.1.2" if ds.is_implicit_VR else "1.2.840.10008.1.2.1"
+    syntax = f.syntax
     inst = Instance(
         path=path, study_uid=study_uid, series_uid=series_uid,
-        sop_uid=_str(ds, 0x00080018) or (_text(meta.get("MediaStorageSOPInstanceUID")) if meta else ""),
-        sop_class=sop_class, modality=_str(ds, 0x00080060).upper(),
-        series_number=_fnum(ds, 0x00200011, int), description=_text(ds.get("SeriesDescription")),
-        image_type=tuple(v.upper() for v in _strs(ds, 0x00080008)),
-        instance_number=_fnum(ds, 0x00200013, int), accession=_text(ds.get("AccessionNumber")),
+        sop_uid=f.text(0x00080018) or f.meta_text(0x00020003),
+        sop_class=sop_class, modality=f.text(0x00080060).upper(),
+        series_number=_first_text(f, 0x00200011, int), description=f.label(0x0008103E),
+        image_type=tuple(v.upper() for v in _texts(f, 0x00080008)),
+        instance_number=_first_text(f, 0x00200013, int), accession=f.label(0x00080050),
         transfer_syntax=syntax,
     )
-    inst.rows = _us(ds, 0x00280010)
-    inst.cols = _us(ds, 0x00280011)
-    inst.frames = _fnum(ds, 0x00280008, int) or 1
-    inst.samples = _us(ds, 0x00280002) or 1
-    inst.bits_allocated = _us(ds, 0x00280100) or 16
-    inst.bits_stored = _us(ds, 0x00280101) or inst.bits_allocated
-    inst.signed = bool(_us(ds, 0x00280103))
-    inst.photometric = _str(ds, 0x00280004)
-    inst.facts = _facts(ds)
-    _geometry(inst, ds)
+    inst.rows = f.us(0x00280010)
+    inst.cols = f.us(0x00280011)
+    inst.frames = _first_text(f, 0x00280008, int) or 1
+    inst.samples = f.us(0x00280002) or 1
+    inst.bits_allocated = f.us(0x00280100) or 16
+    inst.bits_stored = f.us(0x00280101) or inst.bits_allocated
+    inst.signed = bool(f.us(0x00280103))
+    inst.photometric = f.text(0x00280004)
+    inst.facts = _facts(f)
+    _geometry(inst, f)
     # pixel data: remember where native values start (the element header is 8 or 12 bytes)
     inst.file_size = size
     if len(pixel_element) >= 8 and pixel_element[:4] == b"\xe0\x7f\x10\x00":
@@ -261,8 +248,10 @@ def _instance(path: str, ds, offset: int, size: int, pixel_element: bytes) -> In
             inst.pixel_state = "native" if inst.pixel_offset + length <= size else "short"
         else:
             inst.pixel_state = "other"
-    elif offset < size and syntax not in NATIVE_SYNTAXES:
-        inst.pixel_state = "other"  # e.g. deflated: the stream position says nothing; let pydicom decode
+    elif syntax == DEFLATED or (offset < size and syntax not in NATIVE_SYNTAXES):
+        inst.pixel_state = "other"  # deflated: file positions say nothing about the inflated data
+    if syntax == DEFLATED and inst.rows:
+        inst.pixel_state = "other"
     return inst
 
 
@@ -274,57 +263,46 @@ _FACT_TEXTS = {0x00180020: "scanning_sequence", 0x00180021: "sequence_variant", 
                0x00081090: "scanner_model", 0x00080070: "manufacturer"}
 
 
-def _facts(ds) -> dict:
+def _facts(f) -> dict:
     """Non-identifying acquisition facts worth keeping (sequence hints, CT technique)."""
     out = {}
     for tag, name in _FACT_NUMBERS.items():
-        v = _fnum(ds, tag)
-        if v is not None:
+        v = _first_text(f, tag)
+        if v is not None and math.isfinite(v):
             out[name] = v
     for tag, name in _FACT_TEXTS.items():
-        if tag in ds:
-            v = ds[tag].value
-            v = "\\".join(str(x) for x in v) if type(v).__name__ == "MultiValue" or isinstance(v, list) else _text(v)
-            if v.strip():
-                out[name] = v.strip()
+        v = f.label(tag)
+        if v:
+            out[name] = v
     return out
 
 
-def _first(value):
-    if value is None or isinstance(value, (str, bytes)):
-        return value
-    try:
-        return value[0] if len(value) else None
-    except TypeError:
-        return value
-
-
-def _volume_key(ds) -> tuple:
+def _volume_key(f) -> tuple:
     """What tells apart images at the same slice position (time, b-value, gradient, echo...)."""
-    bval = ds.get((0x0018, 0x9087))
-    grad = ds.get((0x0018, 0x9089))
-    grad = _floats(grad.value, 3) if grad is not None else None
+    bval = f.fd(0x00189087)
+    grad = f.fd(0x00189089, 3)
     return (
-        _fnum(ds, 0x00200100, int) or 0,
-        _fnum(ds, 0x00181060) or 0.0,
-        (_num(bval.value) if bval is not None else None) or 0.0,
+        _first_text(f, 0x00200100, int) or 0,
+        _first_text(f, 0x00181060) or 0.0,
+        (bval[0] if bval else 0.0) or 0.0,
         tuple(round(v, 4) for v in grad) if grad else (),
-        _fnum(ds, 0x00180086, int) or 0,
-        _fnum(ds, 0x00200012, int) or 0,
+        _first_text(f, 0x00180086, int) or 0,
+        _first_text(f, 0x00200012, int) or 0,
     )
 
 
-def _geometry(inst: Instance, ds) -> None:
+def _geometry(inst: Instance, f) -> None:
     """Positions/orientations/rescale per frame, from the plain header or the functional groups."""
-    slope = _fnum(ds, 0x00281053)
+    slope = _first_text(f, 0x00281053)
     slope = 1.0 if slope is None else slope
-    intercept = _fnum(ds, 0x00281052) or 0.0
-    position = _fvec(ds, 0x00200032, 3)
-    orientation = _fvec(ds, 0x00200037, 6)
-    spacing = _fvec(ds, 0x00280030, 2)
-    key = _volume_key(ds)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") if 0x52009230 in ds else None
-    shared = ds.get("SharedFunctionalGroupsSequence") if 0x52009229 in ds else None
+    intercept = _first_text(f, 0x00281052) or 0.0
+    position = _floats(_texts(f, 0x00200032), 3)
+    orientation = _floats(_texts(f, 0x00200037), 6)
+    spacing = _floats(_texts(f, 0x00280030), 2)
+    key = _volume_key(f)
+    ds = getattr(f, "ds", None)  # functional groups are only read through pydicom
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") if ds is not None and 0x52009230 in ds else None
+    shared = ds.get("SharedFunctionalGroupsSequence") if ds is not None and 0x52009229 in ds else None
     if per_frame is not None and len(per_frame) > 0:
         shared = shared[0] if shared else None
 
@@ -353,7 +331,7 @@ def _geometry(inst: Instance, ds) -> None:
         inst.frames = len(per_frame)
     elif inst.frames > 1:
         # legacy multi-frame: frames stacked along the normal, SpacingBetweenSlices apart
-        step = _fnum(ds, 0x00180088) or _fnum(ds, 0x00180050)
+        step = _first_text(f, 0x00180088) or _first_text(f, 0x00180050)
         if position is not None and orientation is not None and step:
             normal = np.cross(orientation[:3], orientation[3:])
             inst.positions = [tuple(np.asarray(position) + k * step * normal) for k in range(inst.frames)]
@@ -601,6 +579,15 @@ def _plan_volume(slices: list, first: Instance, options: IngestOptions):
     row, col = np.asarray(ori[:3]), np.asarray(ori[3:])
     normal = np.cross(row, col)
     pos = np.array([_pos(s) for s in slices], dtype=np.float64)
+    if n == 1:  # only with min_slices=1: a single image, its thickness as the slice spacing
+        header = _header(first)
+        header["slices"] = 1
+        dz = first.facts.get("spacing_between_slices") or first.facts.get("slice_thickness") or 1.0
+        direction = (row[0], col[0], normal[0], row[1], col[1], normal[1], row[2], col[2], normal[2])
+        return VolumePlan(first.series_uid, first.series_uid, first.modality or "OT", first.description, first.series_number,
+                          slices, [0], 1, tuple(float(v) for v in pos[0]),
+                          (float(inst0.pixel_spacing[1]), float(inst0.pixel_spacing[0]), float(abs(dz))),
+                          tuple(float(v) for v in direction), header), None
     proj = pos @ normal
     steps = np.diff(proj)
     step = float(np.median(steps))
@@ -693,6 +680,21 @@ def read_frames(inst: Instance) -> np.ndarray:
     return arr
 
 
+def _read_into(inst: Instance, out: np.ndarray) -> None:
+    """Native single-frame pixels read directly into ``out`` (a C-contiguous [rows, cols] view)."""
+    need = out.nbytes
+    if inst.pixel_length < need:
+        raise AssemblyError("truncated", f"pixel data holds {inst.pixel_length} bytes, {need} expected", inst.path)
+    with open(inst.path, "rb", buffering=0) as fh:
+        fh.seek(inst.pixel_offset - (8 if inst.transfer_syntax == "1.2.840.10008.1.2" else 12))
+        if fh.read(4) != b"\xe0\x7f\x10\x00":
+            raise AssemblyError("undecodable", "the file changed since its header was read", inst.path)
+        fh.seek(inst.pixel_offset)
+        got = fh.readinto(memoryview(out).cast("B"))
+    if got != need:
+        raise AssemblyError("truncated", f"{got} of {need} pixel bytes present", inst.path)
+
+
 def _decode(inst: Instance) -> np.ndarray:
     """Compressed or unusual encodings: pydicom's decoders, then SimpleITK's (GDCM)."""
     import pydicom
@@ -744,26 +746,9 @@ def assemble(plan: VolumePlan):
         dtype = np.int16
     else:
         certain, dtype = True, np.float32
-    stored = np.empty((len(plan.slices), inst0.rows, inst0.cols), dtype=dtype)
-    cache: dict[str, np.ndarray] = {}  # multi-frame files of this volume, read once each
-    for i, (inst, frame) in enumerate(plan.slices):
-        if (inst.rows, inst.cols) != (inst0.rows, inst0.cols):
-            raise AssemblyError("mixed_orientation", "image size changes within the volume", inst.path)
-        if inst.frames > 1:
-            if inst.path not in cache:
-                cache[inst.path] = read_frames(inst)
-            values = cache[inst.path][frame]
-        else:
-            values = read_frames(inst)[0]
-        if integral:
-            if slopes[i] != 1.0 or intercepts[i] != 0.0 or values.dtype.itemsize > 2 or (not certain and values.dtype == np.uint16):
-                values = values.astype(np.int64) * int(slopes[i]) + int(intercepts[i])
-            if not certain and stored.dtype == np.int16 and values.size and (values.min() < -32768 or values.max() > 32767):
-                stored = stored.astype(np.int32)
-            stored[i] = values
-        else:
-            stored[i] = values.astype(np.float32) * np.float32(slopes[i]) + np.float32(intercepts[i])
-    cache.clear()
+    stored = _assemble_uniform(plan, slopes, intercepts, integral)
+    if stored is None:
+        stored = _assemble_per_slice(plan, slopes, intercepts, integral, certain, dtype)
     volume = stored
     if plan.fill:
         volume = np.empty((plan.n_grid,) + stored.shape[1:], dtype=stored.dtype)
@@ -776,3 +761,73 @@ def assemble(plan: VolumePlan):
     image.SetSpacing(plan.spacing)
     image.SetDirection(plan.direction)
     return image
+
+
+def _assemble_uniform(plan: VolumePlan, slopes, intercepts, integral: bool) -> np.ndarray | None:
+    """The common case, fast: single-frame native files sharing one rescale. Pixels are read
+    straight into one buffer and rescaled in one vectorised step. None when it does not apply."""
+    inst0 = plan.slices[0][0]
+    if not (np.all(slopes == slopes[0]) and np.all(intercepts == intercepts[0])):
+        return None
+    for inst, _ in plan.slices:
+        if (inst.frames != 1 or inst.pixel_state != "native" or inst.bits_stored != inst.bits_allocated
+                or (inst.rows, inst.cols) != (inst0.rows, inst0.cols) or inst.signed != inst0.signed
+                or inst.bits_allocated != inst0.bits_allocated):
+            return None
+    raw = np.empty((len(plan.slices), inst0.rows, inst0.cols), dtype=_dtype(inst0))
+    for i, (inst, _) in enumerate(plan.slices):
+        _read_into(inst, raw[i])
+    slope, intercept = float(slopes[0]), float(intercepts[0])
+    if slope == 1.0 and intercept == 0.0:
+        return raw  # stored values are the values (uint16 stays uint16, as SimpleITK reads it)
+    if not integral:
+        out = raw.astype(np.float32)
+        out *= np.float32(slope)
+        out += np.float32(intercept)
+        return out
+    lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
+    ends = (lo * slope + intercept, hi * slope + intercept)
+    dtype = np.int16 if min(ends) >= -32768 and max(ends) <= 32767 else np.int32
+    out = np.empty(raw.shape, dtype=dtype)
+    if slope == 1.0:
+        np.add(raw, int(intercept), out=out, dtype=np.int64 if dtype == np.int32 else np.int32, casting="unsafe")
+    else:
+        tmp = raw.astype(np.int64)
+        tmp *= int(slope)
+        tmp += int(intercept)
+        out[...] = tmp
+    return out
+
+
+def _assemble_per_slice(plan: VolumePlan, slopes, intercepts, integral: bool, certain: bool, dtype) -> np.ndarray:
+    """Any mix of frames, encodings and per-slice rescales, one slice at a time."""
+    inst0 = plan.slices[0][0]
+    stored = np.empty((len(plan.slices), inst0.rows, inst0.cols), dtype=dtype)
+    cache: dict[str, np.ndarray] = {}  # multi-frame files of this volume, read once each
+    for i, (inst, frame) in enumerate(plan.slices):
+        if (inst.rows, inst.cols) != (inst0.rows, inst0.cols):
+            raise AssemblyError("mixed_orientation", "image size changes within the volume", inst.path)
+        if (inst.frames == 1 and inst.pixel_state == "native" and slopes[i] == 1.0 and intercepts[i] == 0.0
+                and inst.bits_stored == inst.bits_allocated and stored.dtype == _dtype(inst)):
+            _read_into(inst, stored[i])  # straight from the file into the volume, no copy
+            continue
+        if inst.frames > 1:
+            if inst.path not in cache:
+                cache[inst.path] = read_frames(inst)
+            values = cache[inst.path][frame]
+        else:
+            values = read_frames(inst)[0]
+        if integral:
+            if slopes[i] != 1.0 or intercepts[i] != 0.0 or values.dtype.itemsize > 2 or (not certain and values.dtype == np.uint16):
+                wide = np.int32 if certain else np.int64  # int32 cannot overflow when the range is known to fit
+                values = values.astype(wide)
+                if slopes[i] != 1.0:
+                    values *= int(slopes[i])
+                values += int(intercepts[i])
+            if not certain and stored.dtype == np.int16 and values.size and (values.min() < -32768 or values.max() > 32767):
+                stored = stored.astype(np.int32)
+            stored[i] = values
+        else:
+            stored[i] = values.astype(np.float32) * np.float32(slopes[i]) + np.float32(intercepts[i])
+    cache.clear()
+    return stored

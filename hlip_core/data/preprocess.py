@@ -16,8 +16,8 @@ Everything needed to go back is in the JSON-able ``transform``: ``to_scan_space`
 map (a heat map) onto the original scan with its exact size, origin, spacing and direction.
 
 MONAI's Resize (with anti-aliasing) and ScaleIntensityRangePercentiles do the same job but took
-18 s and 1.8 s on the real 384x384x274 MRI against 0.5 s and 0.05 s here (one thread; see
-benchmarks/ingest.py), so these steps are written with scipy and torch directly.
+18 s and 1.8 s on the real 384x384x274 MRI (one thread) against about 0.1 s and 0.05 s here, so
+these steps are written with numpy: resizing is one small matrix per axis (see _apply_separable).
 """
 from __future__ import annotations
 
@@ -162,37 +162,76 @@ def _normalise(arr: np.ndarray, modality: str, settings: PreprocessSettings) -> 
     return out, [lo, hi]
 
 
-def _smooth(arr: np.ndarray, factors) -> np.ndarray:
-    """Gaussian smoothing of axes shrunk by a factor > 1 (sigma = (factor - 1) / 2 voxels)."""
-    from scipy import ndimage
-
-    for axis, f in enumerate(factors):
-        if f > 1.0 + 1e-6:
-            arr = ndimage.gaussian_filter1d(arr, (f - 1.0) / 2.0, axis=axis, mode="nearest", truncate=3.0)
-    return arr
-
-
-def _interpolate(arr: np.ndarray, size) -> np.ndarray:
-    """Trilinear resize of [D, H, W] with voxel centres aligned (align_corners=False)."""
-    import torch
-    import torch.nn.functional as F
-
-    if tuple(arr.shape) == tuple(size):
-        return np.ascontiguousarray(arr, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="trilinear", align_corners=False)[0, 0].numpy()
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] linear interpolation between voxel centres (align_corners=False, clamped at
+    the ends): the 1D factor of torch's trilinear resize."""
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1.0)
+    i0 = np.floor(x).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = x - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - w)
+    np.add.at(m, (rows, i1), w)
+    return m
 
 
-def _crop_pad(arr: np.ndarray, offset, size) -> np.ndarray:
-    """out[m] = arr[m + offset] where inside, else 0 (per axis)."""
-    out = np.zeros(tuple(size), dtype=arr.dtype)
-    src, dst = [], []
-    for o, n_in, n_out in zip(offset, arr.shape, size):
-        a0, a1 = max(0, o), min(n_in, o + n_out)
-        src.append(slice(a0, max(a0, a1)))
-        dst.append(slice(a0 - o, a0 - o + max(0, a1 - a0)))
-    out[tuple(dst)] = arr[tuple(src)]
-    return out
+def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
+    """[n, n] Gaussian smoothing (truncated at 3 sigma, edges repeated), as scipy's
+    gaussian_filter1d(mode="nearest", truncate=3)."""
+    radius = int(3.0 * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    m = np.zeros((n, n), np.float64)
+    rows = np.repeat(np.arange(n), len(k))
+    cols = np.clip(rows + np.tile(np.arange(-radius, radius + 1), n), 0, n - 1)
+    np.add.at(m, (rows, cols), np.tile(k, n))
+    return m
+
+
+def _forward_matrix(n_in: int, n_res: int, offset: int, n_target: int, antialias: bool) -> np.ndarray:
+    """[n_target, n_in]: smooth (when shrinking), resize n_in -> n_res, then take n_target rows
+    from ``offset`` (rows outside 0..n_res-1 stay zero: padding)."""
+    m = _interp_matrix(n_in, n_res)
+    if antialias and n_in > n_res:
+        m = m @ _gauss_matrix(n_in, (n_in / n_res - 1.0) / 2.0)
+    out = np.zeros((n_target, n_in), np.float64)
+    lo, hi = max(0, offset), min(n_res, offset + n_target)
+    if hi > lo:
+        out[lo - offset: hi - offset] = m[lo:hi]
+    return out.astype(np.float32)
+
+
+def _backward_matrix(n_in: int, n_res: int, offset: int, n_target: int) -> np.ndarray:
+    """[n_in, n_target]: a model-grid profile placed at ``offset`` of the n_res grid (zeros
+    elsewhere), then resized back to n_in."""
+    embed = np.zeros((n_res, n_target), np.float64)
+    for m in range(n_target):
+        if 0 <= m + offset < n_res:
+            embed[m + offset, m] = 1.0
+    return (_interp_matrix(n_res, n_in) @ embed).astype(np.float32)
+
+
+def _apply_separable(arr: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
+    """arr [D, H, W] times one matrix per axis ([out_a, in_a]), the most shrinking axis first so
+    that the work stays small (a few GFLOP for a 384^3 volume).
+
+    Smoothing and linear interpolation are separable, so this equals Gaussian filtering followed by
+    trilinear resizing (tested against scipy + torch) in a tenth of their time (measured 1.2 s ->
+    0.1 s on the real MRI)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    order = sorted(range(3), key=lambda a: mats[a].shape[0] / max(1, mats[a].shape[1]))
+    for axis in order:
+        m = mats[axis]
+        if m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0], dtype=np.float32)):
+            continue
+        if axis == 0:
+            arr = (m @ arr.reshape(arr.shape[0], -1)).reshape(m.shape[0], *arr.shape[1:])
+        elif axis == 1:
+            arr = np.matmul(m[None], arr)
+        else:
+            arr = (arr.reshape(-1, arr.shape[2]) @ m.T).reshape(*arr.shape[:2], m.shape[0])
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def geometry(image) -> dict:
@@ -227,12 +266,8 @@ def to_model_space(image, modality: str, settings: PreprocessSettings) -> tuple[
     else:
         resampled = [max(1, int(round(n * s / t))) for n, s, t in zip(canon_shape, canon_spacing, settings.spacing)]
     offset = [(r - t) // 2 for r, t in zip(resampled, target)]
-    factors = [n / r for n, r in zip(canon_shape, resampled)]
-    if settings.antialias:
-        arr = _smooth(arr, factors)
-    arr = _interpolate(arr, resampled)
-    if resampled != target:
-        arr = _crop_pad(arr, offset, target)
+    mats = [_forward_matrix(canon_shape[a], resampled[a], offset[a], target[a], settings.antialias) for a in range(3)]
+    arr = _apply_separable(arr, mats)
     np.clip(arr, 0.0, 1.0, out=arr)
     transform = {
         "version": 1,
@@ -299,11 +334,9 @@ def to_scan_space(model_map: np.ndarray, transform: dict):
     model_map = np.asarray(model_map, dtype=np.float32)
     if list(model_map.shape) != list(transform["target_shape"]):
         raise ValueError(f"the map is {list(model_map.shape)} but this scan's model grid is {transform['target_shape']}")
-    resampled, offset = transform["resampled_shape"], transform["offset"]
-    if list(resampled) != list(transform["target_shape"]):
-        # back from the crop/pad: model index m is resampled index m + offset
-        model_map = _crop_pad(model_map, [-o for o in offset], resampled)
-    canon = _interpolate(model_map, transform["canonical_shape"])
+    resampled, offset, canon_shape = transform["resampled_shape"], transform["offset"], transform["canonical_shape"]
+    mats = [_backward_matrix(canon_shape[a], resampled[a], offset[a], model_map.shape[a]) for a in range(3)]
+    canon = _apply_separable(model_map, mats)
     arr = _from_canonical(canon, transform["source_of"], transform["flips"])
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
     if list(out.GetSize()) != list(transform["size"]):

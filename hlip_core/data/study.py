@@ -304,19 +304,20 @@ def study_keys(paths: Sequence[str]) -> list:
     return [_study_key_of(p) for p in paths]
 
 
-def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool = False, **options) -> Discovery:
+def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool = False, pool=None, **options) -> Discovery:
     """Group the files of an archive into studies, reading DICOM headers only (never pixel data).
 
     DICOM files are grouped by StudyInstanceUID wherever they lie; NIfTI/NRRD/MHA files by the
     folder holding them (one folder = one study). Study ids follow ``study_ids`` (see IngestOptions):
     DICOM studies get their UID (or its hash, or their folder), volume folders their path relative
     to ``source`` ("/"-separated; the source's own name for files directly in it).
+    workers: processes reading headers (or ``pool``: a multiprocessing pool to use).
     Returns a Discovery: ``.studies`` sorted by id, ``.skipped`` files that are in no study.
     """
     opts = IngestOptions.from_kwargs(options)
     root = str(Path(source).resolve())
     files = list_files(root)
-    keys = _map_chunks(study_keys, files, workers, progress, "reading headers")
+    keys = _map_chunks(study_keys, files, workers, progress, "reading headers", pool=pool)
     groups: dict[tuple[str, str], list[str]] = {}
     skipped = []
     for path, key in zip(files, keys):
@@ -352,27 +353,51 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
     return Discovery(root, studies, skipped)
 
 
-def _map_chunks(fn, items: list, workers: int, progress: bool, what: str, chunk: int = 256) -> list:
-    """fn over chunks of items, in worker processes when workers > 1; results in order."""
+def _map_chunks(fn, items: list, workers: int, progress: bool, what: str, chunk: int = 256, pool=None) -> list:
+    """fn over chunks of items, in worker processes when a pool is given or workers > 1 (and there
+    is more than one chunk); results in order."""
     chunks = [items[i: i + chunk] for i in range(0, len(items), chunk)]
     bar = _bar(progress, len(items), what)
     out = []
+    own = None
     try:
-        if workers > 1 and len(chunks) > 1:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(workers) as pool:
-                for part in pool.imap(fn, chunks):
-                    out.extend(part)
-                    bar.update(len(part))
-        else:
-            for c in chunks:
-                part = fn(c)
-                out.extend(part)
-                bar.update(len(part))
+        if pool is None and workers > 1 and len(chunks) > 1:
+            pool = own = worker_pool(workers)
+        parts = pool.imap(fn, chunks) if pool is not None and len(chunks) > 1 else map(fn, chunks)
+        for part in parts:
+            out.extend(part)
+            bar.update(len(part))
     finally:
         bar.close()
+        if own is not None:
+            own.terminate()
     return out
+
+
+def _worker_init() -> None:
+    # one BLAS thread per worker process: N workers on N cores, no oversubscription
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - numpy then uses its default threads
+        pass
+
+
+def worker_pool(workers: int):
+    """A process pool for ingestion.
+
+    Linux: workers are forked from the caller, so they start at once with everything imported
+    (spawned workers spent 2-3 s importing torch through hlip_core before their first study). The
+    work they do is fork-safe: numpy (OpenBLAS resets its threads at fork), SimpleITK (ITK's
+    thread pool registers pthread_atfork handlers), pydicom and plain Python; they run no torch or
+    OpenMP code. Elsewhere (macOS, Windows) workers are spawned.
+    """
+    import multiprocessing as mp
+    import sys
+
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    return ctx.Pool(workers, initializer=_worker_init)
 
 
 class _NoBar:
