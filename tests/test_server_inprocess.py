@@ -135,7 +135,7 @@ def test_findings_for_a_study_or_any_of_its_images(server):
     by_study = infer(client, "dicom1", {"findings": FINDINGS})
     assert by_study.status_code == 200 and by_study.headers["content-type"] == "application/json"
     answer = by_study.json()
-    assert answer["study_id"] == "dicom1" and answer["elapsed_ms"] > 0
+    assert answer["study_id"] == "dicom1" and answer["elapsed_ms"] >= answer["compute_ms"] > 0
     assert [f["finding"] for f in answer["findings"]] == FINDINGS
     for f in answer["findings"]:
         assert 0 <= f["probability"] <= 1 and -2 <= f["score"] <= 2
@@ -405,6 +405,11 @@ ERRORS = [
     ("put", "/session/?uncompress=true", {"files": {"files": ("a.zip", b"not a zip")}}, 400, "uncompress=true needs one .zip"),
     ("put", "/session/", {"files": {"files": ("big.nii.gz", b"\0" * (3 * 1024 * 1024))}}, 413, "max_upload_mb"),
     ("put", "/datastore/image?image=new", {"files": {"file": ("new.nii.gz", b"x")}}, 405, "read-only"),
+    ("delete", "/datastore/?id=nifti1", {}, 405, "read-only"),
+    ("post", "/train/hlip_findings", {}, 404, "this server does not train models"),
+    ("post", "/train/", {}, 404, "this server does not train models"),
+    ("post", "/batch/infer/hlip_findings", {}, 400, "hlip_findings runs per study"),
+    ("get", "/proxy/dicom/wado/studies", {}, 404, "not a DICOMweb server"),
 ]
 
 

@@ -337,6 +337,31 @@ def api_status(user: User = USER):
     return hlip().status()
 
 
+# -- MONAI Label's routes that do not apply to this app --------------------------------------------
+# (the stock ones would start a background process that loads the whole app only to fail)
+
+
+@router.post("/train/", summary=f"{RBAC_USER}Not offered: HLIP models are trained with train/pretrain.py", tags=["Train"])
+@router.post("/train/{model}", summary=f"{RBAC_USER}Not offered: HLIP models are trained with train/pretrain.py", tags=["Train"])
+def api_no_training(model: str = "", user: User = USER):
+    raise HTTPException(status_code=404, detail="this server does not train models: train with train/pretrain.py, "
+                                                "then restart the server with --conf checkpoint <the new checkpoint>")
+
+
+@router.post("/batch/infer/{model}", summary=f"{RBAC_USER}Not offered: findings are asked per study", tags=["Infer"])
+def api_no_batch_infer(model: str, user: User = USER):
+    raise HTTPException(status_code=400, detail="hlip_findings runs per study: POST /infer/hlip_findings?image=<study id>; "
+                                                "the datastore's embeddings for search are computed in the background")
+
+
+no_proxy = APIRouter()  # installed only when the studies are a folder
+
+
+@no_proxy.api_route("/proxy/dicom/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+def api_no_proxy(path: str, user: User = USER):
+    raise HTTPException(status_code=404, detail="this server's studies are a folder, not a DICOMweb server: there is nothing to proxy")
+
+
 # -- errors, guards, lifespan -----------------------------------------------------------------------
 
 
@@ -466,8 +491,10 @@ def install(app) -> None:
     import requests
 
     # our routes go first: for the paths and methods they share with MONAI Label's (REPLACED), ours match
-    app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
-    app.router.routes.insert(0, app.router.routes.pop())
+    routers = [router] if settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")) else [router, no_proxy]
+    for r in routers:
+        app.include_router(r, prefix=settings.MONAI_LABEL_API_STR)
+        app.router.routes.insert(0, app.router.routes.pop())
     mark_changed = getattr(app.router, "_mark_routes_changed", None)  # FastAPI >= 0.16x caches the route tree
     if mark_changed is not None:
         mark_changed()

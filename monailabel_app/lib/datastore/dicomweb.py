@@ -47,16 +47,19 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
     @classmethod
     def from_settings(cls, url: str, cache_dir) -> "HLIPDicomWebDatastore":
         """A client for ``url`` with MONAI Label's DICOMweb settings (user, password, prefixes); the
-        series are cached in MONAI_LABEL_DICOMWEB_CACHE_PATH, or else in ``<cache_dir>/dicomweb``."""
+        series are cached in MONAI_LABEL_DATASTORE_CACHE_PATH (or the older MONAI_LABEL_DICOMWEB_CACHE_PATH),
+        or else in ``<cache_dir>/dicomweb``."""
         from dicomweb_client.session_utils import create_session_from_user_pass
         from monailabel.config import settings
         from monailabel.datastore.dicom import DICOMwebClientX
 
-        user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        user = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME  # the new names, else the old
+        password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
         session = create_session_from_user_pass(user, password) if user and password else None
         client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-        cache = settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or os.path.join(str(cache_dir), "dicomweb")
+        cache = (settings.MONAI_LABEL_DATASTORE_CACHE_PATH.strip() or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip()
+                 or os.path.join(str(cache_dir), "dicomweb"))
         return cls(client, cache_path=cache, fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
 
     # -- the catalog ----------------------------------------------------------------------------
