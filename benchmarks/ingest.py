@@ -123,7 +123,7 @@ def whole_command(src: Path, work: Path, workers: int) -> dict:
     return {"workers": workers, "studies": summary["studies"], "scans": summary["scans"], "skipped": summary["skipped"],
             "command s": round(summary["seconds"], 2), "studies/s": summary["studies_per_second"],
             "wall s (with interpreter start)": round(wall, 2),
-            "peak memory of a worker MB": summary["peak_worker_memory_mb"]}
+            "CPU s per study": summary["cpu_seconds_per_study"], "peak memory of a worker MB": summary["peak_worker_memory_mb"]}
 
 
 def main() -> None:
@@ -138,7 +138,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         version = subprocess.run(["dcm2niix", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        print(f"dcm2niix: {version[-1] if version else '?'}; cpus: {os.cpu_count()}")
+        print(f"dcm2niix: {version[-1] if version else '?'}; cpus: {os.cpu_count()}; "
+              f"load average at start: {os.getloadavg()[0]:.1f} (other work on the machine)")
         print("\n1. assembly vs dcm2niix (median of", args.repeats, "runs, in turns)")
         real = assembly_vs_dcm2niix(real_mri_dicom_dir(), work, args.repeats)
         print("  real MRI 384 x 384x274:", json.dumps(real))
@@ -147,7 +148,10 @@ def main() -> None:
         src, largest = synthetic_archive(work, args.studies)
         print("\n2. header-only discovery:", json.dumps(discovery_rate(src)))
         print(f"\n3. train/prepare.py on {args.studies} synthetic studies (largest series {largest / 2**20:.1f} MB as int16):")
-        results = [whole_command(src, work, w) for w in (1, 2)]
+        results = []
+        for w in (1, 2):
+            results.append(whole_command(src, work, w))
+            results[-1]["load average"] = round(os.getloadavg()[0], 1)
         for r in results:
             print("  ", json.dumps(r))
         print(f"  studies/s with 2 workers / with 1: {results[1]['studies/s'] / results[0]['studies/s']:.2f}")

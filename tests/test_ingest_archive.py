@@ -350,3 +350,48 @@ def test_no_patient_identifier_reaches_any_output_or_log(tmp_path):
         for value in forbidden:
             assert value not in text
     assert pydicom.dcmread(victim, force=True).PatientID == PATIENT_ID  # the values really were in the input
+
+
+def test_the_command_prepares_shards_and_merges_them(tmp_path):
+    nifti_archive(tmp_path, n=4)
+    base = [sys.executable, str(REPO / "train" / "prepare.py"), str(tmp_path / "src"), str(tmp_path / "out"),
+            "--target-shape", "8", "16", "16", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for i in range(2):
+        run = subprocess.run(base + ["--shard", f"{i}/2"], capture_output=True, text=True, env=env)
+        assert run.returncode == 0 and f"(shard {i}/2)" in run.stdout, run.stderr
+    run = subprocess.run(base + ["--merge"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "merged 2 shards: 4 studies, 8 scans" in run.stdout, run.stderr
+    assert [r["study_id"] for r in read_manifest(tmp_path / "out")] == [f"case{i:03d}" for i in range(4)]
+    bad = subprocess.run(base + ["--shard", "2/2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "need 0 <= I < N" in bad.stderr
+
+
+def _peak_rss_since_reset(fn) -> float:
+    """MB of peak resident memory while fn runs (Linux: /proc/self/clear_refs resets the peak)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    fn()
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+
+
+def test_memory_is_bounded_by_the_largest_series_not_by_the_archive(tmp_path):
+    """Preparing 16 studies needs no more memory than preparing 2 of the same size: nothing of a
+    finished study is kept (each series is 64x160x160 float32, 6.5 MB)."""
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (tmp_path / "src" / f"s{i:02d}").mkdir(parents=True)
+        for name in ("a", "b"):
+            sitk.WriteImage(sitk.GetImageFromArray(rng.random((64, 160, 160), dtype=np.float32)),
+                            str(tmp_path / "src" / f"s{i:02d}" / f"{name}.nii"))
+    (tmp_path / "few").mkdir()
+    for i in range(2):
+        os.symlink(tmp_path / "src" / f"s{i:02d}", tmp_path / "few" / f"s{i:02d}")
+    s = PreprocessSettings(target_shape=(16, 32, 32))
+    prepare_archive(tmp_path / "few", tmp_path / "warm", s, progress=False)  # first-use allocations
+    few = _peak_rss_since_reset(lambda: prepare_archive(tmp_path / "few", tmp_path / "o1", s, progress=False))
+    many = _peak_rss_since_reset(lambda: prepare_archive(tmp_path / "src", tmp_path / "o2", s, progress=False))
+    assert len(read_manifest(tmp_path / "o2")) == 16
+    # keeping one series per extra study would add 14 x 6.5 = 91 MB; the allocator's own slack is ~20 MB
+    assert many - few < 50, f"peak memory grew from {few:.0f} MB (2 studies) to {many:.0f} MB (16 studies)"

@@ -232,3 +232,13 @@ def test_the_fast_reader_skips_sequences_of_undefined_length(tmp_path):
     assert fast == slow and fast.pixel_state == "native"
     scan = load_study(written.files, min_slices=1).scans[0]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(scan.image), written.volume)
+
+
+def test_volume_modality_auto_tells_ct_from_mr_by_intensities(tmp_path):
+    ct = sitk.GetImageFromArray(np.full((10, 8, 8), -1000, np.int16))
+    ct[2, 2, 2] = 400
+    mr = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 900, (10, 8, 8)).astype(np.int16))
+    sitk.WriteImage(ct, str(tmp_path / "head_ct.nii.gz"))
+    sitk.WriteImage(mr, str(tmp_path / "t2.nii.gz"))
+    study = load_study(tmp_path, volume_modality="auto")
+    assert {s.scan_id: s.modality for s in study.scans} == {"head_ct": "CT", "t2": "MR"}

@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.merge:
-        summary = merge_shards(args.out)
+        try:
+            summary = merge_shards(args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"merged {summary['shards']} shards: {summary['studies']} studies, {summary['scans']} scans -> {args.out}/manifest.jsonl")
         return 0
     try:
@@ -84,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = [c.strip() for c in args.label_columns.split(",") if c.strip()]
-    summary = prepare_archive(
-        args.source, args.out, settings, reports=args.reports, report_key=args.report_key,
-        report_column=args.report_column, label_columns=labels or None, workers=args.workers, shard=shard,
-        progress=not args.no_progress, report_match=args.report_match, split_column=args.split_column,
-        min_slices=args.min_slices, keep_derived=not args.exclude_derived, max_gap=args.max_gap, repeated=args.repeated,
-        max_volumes=args.max_volumes, volume_modality=args.volume_modality, study_ids=args.study_ids)
+    try:
+        summary = prepare_archive(
+            args.source, args.out, settings, reports=args.reports, report_key=args.report_key,
+            report_column=args.report_column, label_columns=labels or None, workers=args.workers, shard=shard,
+            progress=not args.no_progress, report_match=args.report_match, split_column=args.split_column,
+            min_slices=args.min_slices, keep_derived=not args.exclude_derived, max_gap=args.max_gap, repeated=args.repeated,
+            max_volumes=args.max_volumes, volume_modality=args.volume_modality, study_ids=args.study_ids)
+    except (FileNotFoundError, ValueError) as exc:  # bad input named in one line, no stack trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 0 if summary["failed"] == 0 else 1
 
@@ -100,7 +108,8 @@ def format_summary(s: dict) -> str:
              f"scans kept: {s['scans']}",
              "skipped: " + (", ".join(f"{k} {v}" for k, v in s["skipped"].items()) or "nothing"),
              f"reports matched: {s['reports_matched']}",
-             f"time: {s['seconds']:.1f} s, {s['studies_per_second'] or 0:.2f} studies/s with {s['workers']} worker(s)",
+             f"time: {s['seconds']:.1f} s, {s['studies_per_second'] or 0:.2f} studies/s with {s['workers']} worker(s), "
+             f"{s['cpu_seconds_per_study']:.2f} CPU s per study, peak memory of a worker {s['peak_worker_memory_mb']} MB",
              "complete" if s["complete"] else "NOT complete: run the same command again to finish",
              "summary: " + json.dumps(s, sort_keys=True)]
     return "\n".join(lines)

@@ -136,6 +136,7 @@ def prepare_study(task: dict) -> dict:
     """Assemble, preprocess and store one study. task: study (StudySource as dict), root, out,
     settings (dict), options (dict). Returns {"study_id", "scans": [entries], "skipped": [lines],
     "study_uid", "accession" (for the report lookup only), "error"}."""
+    cpu = time.process_time()
     src = StudySource(**task["study"])
     settings = PreprocessSettings.from_dict(task["settings"])
     opts = IngestOptions.from_kwargs(task["options"])
@@ -170,6 +171,7 @@ def prepare_study(task: dict) -> dict:
         result["scans"] = []
         result["skipped"] = [_skip_line(src.study_id, Skipped("study", "failed", f"{type(exc).__name__}: {_safe_message(exc)}"))]
     result["peak_memory_mb"] = _peak_memory_mb()
+    result["cpu_seconds"] = time.process_time() - cpu
     return result
 
 
@@ -244,6 +246,8 @@ def prepare_archive(source, out, settings: PreprocessSettings | dict | None = No
     opts = IngestOptions.from_kwargs(options)
     shard = parse_shard(shard)
     workers = max(1, int(workers))
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"no source folder at {source}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _settings_file(out, settings)
@@ -285,6 +289,9 @@ def _prepare(source, out: Path, settings, opts, table, report_match, shard, work
             bar.set_postfix_str(f"scans {stats['scans']} skipped {sum(counts.values())}")
     finally:
         bar.close()
+    if table is not None and stats["prepared"] and not stats["reports"]:
+        log.warning("no prepared study matched a report: check report_key (the key column) and report_match "
+                    "(what the key is: study_id, study_uid, accession, folder or folder_name)")
     complete = stats["prepared"] + stats["without_scans"] + already == len(studies)
     if complete:
         _sort_manifest(manifest_file)
@@ -297,6 +304,7 @@ def _prepare(source, out: Path, settings, opts, table, report_match, shard, work
         "studies_per_second": round((stats["prepared"] + stats["without_scans"]) / seconds, 3) if seconds > 0 else None,
         "workers": workers, "complete": complete, "manifest": manifest_name,
         "peak_worker_memory_mb": stats["peak_memory_mb"] or None,
+        "cpu_seconds_per_study": round(stats["cpu_seconds"] / max(1, stats["prepared"] + stats["without_scans"]), 3),
     }
     _atomic_write(out / summary_name, json.dumps(summary, indent=1).encode("utf-8"))
     log.info("prepared %d studies (%d already done, %d without usable scans, %d failed), %d scans kept, skipped %s, "
@@ -329,6 +337,7 @@ def _resume_state(manifest_file: Path, skipped_file: Path) -> tuple[set[str], li
 def _record(result: dict, studies_by_id: dict, table, report_match: str, manifest_file: Path, skipped_file: Path,
             counts: Counter, stats: Counter) -> None:
     sid = result["study_id"]
+    stats["cpu_seconds"] += result.get("cpu_seconds", 0.0)
     if result.get("peak_memory_mb"):
         stats["peak_memory_mb"] = max(stats["peak_memory_mb"], result["peak_memory_mb"])
     for line in result["skipped"]:

@@ -1,11 +1,12 @@
 """DICOM: header-only reading, series selection, and volume assembly with SimpleITK's geometry.
 
-Headers are read with pydicom up to the pixel data (``stop_before_pixels``) and only the tags this
-module uses are decoded, so patient fields are never parsed. The byte offset of uncompressed pixel
-data is remembered, so that assembly reads the pixels with one ``numpy.fromfile`` per file instead
-of parsing each file again (measured: about twice as fast as pydicom's full read, see
-benchmarks/ingest.py). Compressed pixel data goes through pydicom, then SimpleITK (GDCM) if pydicom
-has no decoder for it.
+Headers are read up to the pixel data and only the tags this module uses are decoded (patient
+fields never are): by the struct walker of header.py, or by pydicom (``stop_before_pixels``,
+``specific_tags``) for what the walker does not follow. The byte offset of uncompressed pixel data
+is remembered, so that assembly reads each file's pixels straight into the volume buffer with one
+``readinto`` instead of parsing the file again (see benchmarks/ingest.py: on the real MRI this is
+faster than dcm2niix converting the same files). Compressed pixel data goes through pydicom, then
+SimpleITK (GDCM) if pydicom has no decoder for it.
 
 Geometry follows SimpleITK's ImageSeriesReader on the same files: the origin is the position of
 the first slice along the slice normal (the cross product of the row and column directions), the
