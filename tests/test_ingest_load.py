@@ -242,3 +242,13 @@ def test_volume_modality_auto_tells_ct_from_mr_by_intensities(tmp_path):
     sitk.WriteImage(mr, str(tmp_path / "t2.nii.gz"))
     study = load_study(tmp_path, volume_modality="auto")
     assert {s.scan_id: s.modality for s in study.scans} == {"head_ct": "CT", "t2": "MR"}
+
+
+@pytest.mark.parametrize("top,dtype", [(4095, sitk.sitkInt16), (60000, sitk.sitkInt32)])
+def test_rescaled_values_get_the_smallest_integer_type_that_holds_them(tmp_path, top, dtype):
+    values = np.random.default_rng(0).integers(0, top + 1, size=(9, 16, 20))
+    values[0, 0, 0] = top
+    written = write_series(tmp_path / "v", n=9, values=values, intercept=-1024.0)
+    scan = load_study(written.files).scans[0]
+    assert scan.image.GetPixelID() == dtype
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(scan.image), values - 1024)

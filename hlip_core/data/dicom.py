@@ -786,6 +786,21 @@ def _assemble_uniform(plan: VolumePlan, slopes, intercepts, integral: bool) -> n
         out *= np.float32(slope)
         out += np.float32(intercept)
         return out
+    def fits_int16(lo: int, hi: int) -> bool:
+        ends = (lo * slope + intercept, hi * slope + intercept)
+        return min(ends) >= -32768 and max(ends) <= 32767 and (inst0.signed or hi <= 32767)
+
+    bits = inst0.bits_stored
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if inst0.signed else (0, 2 ** bits - 1)
+    if raw.itemsize == 2 and slope == 1.0:
+        # CT's usual case (12 bits stored, intercept -1024): add in place on an int16 view of the
+        # buffer, one pass and no second volume; the stored bits, else the actual values, must fit
+        if not fits_int16(lo, hi) and raw.size:
+            lo, hi = int(raw.min()), int(raw.max())
+        if fits_int16(lo, hi):
+            view = raw.view(np.int16)
+            view += np.int16(intercept)
+            return view
     lo, hi = (int(raw.min()), int(raw.max())) if raw.size else (0, 0)
     ends = (lo * slope + intercept, hi * slope + intercept)
     dtype = np.int16 if min(ends) >= -32768 and max(ends) <= 32767 else np.int32
