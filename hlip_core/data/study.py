@@ -162,7 +162,10 @@ def iter_scans(plan: StudyPlan, options: IngestOptions, root: str | None = None)
             yield Skipped("series", "undecodable", type(exc).__name__, vp.series_number, vp.description, vp.series_uid,
                           [_rel(f, root) for f in vp.files])
             continue
-        yield Scan(vp.scan_id, vp.modality, vp.description, image, vp.files, dict(vp.header))
+        scan = Scan(vp.scan_id, vp.modality, vp.description, image, vp.files, dict(vp.header))
+        del image  # the caller decides how long the volume lives (prepare_archive: one at a time)
+        yield scan
+        del scan
     for path in plan.volume_files:
         yield from read_volume_file(path, options, root)
 
@@ -196,7 +199,6 @@ def read_volume_file(path: str, options: IngestOptions, root: str | None = None)
     images = [image]
     if dim == 4:
         n = size[3]
-        volumes = [sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, t]) for t in range(n)]
         chosen = list(range(n))
         if options.repeated == "first":
             chosen = [0]
@@ -206,7 +208,8 @@ def read_volume_file(path: str, options: IngestOptions, root: str | None = None)
             chosen = list(range(options.max_volumes))
         if len(chosen) < n:
             yield skip("volume_not_selected", f"{n} volumes; kept {len(chosen)} by option repeated={options.repeated!r}", kind="volume")
-        images = [volumes[t] for t in chosen]
+        images = [sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, t]) for t in chosen]
+        del image
     elif dim > 4:
         yield skip("unreadable_volume", f"{dim} dimensions")
         return
