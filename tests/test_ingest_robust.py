@@ -250,6 +250,7 @@ def test_an_empty_folder_is_a_study_without_scans(tmp_path):
     assert study.scans == [] and study.skipped == []
 
 
+@pytest.mark.filterwarnings("ignore:The 'DicomDir' class is deprecated:DeprecationWarning")  # pydicom's FileSet.write
 def test_a_dicomdir_export_is_read_from_its_files_and_the_index_reported(tmp_path):
     from pydicom.fileset import FileSet
 
