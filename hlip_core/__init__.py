@@ -7,22 +7,30 @@ Public API::
     t = model.encode_text(["no intracranial haemorrhage"])
     hlip_core.save(model, "ckpt/");  model = hlip_core.load("ckpt/")
     model = hlip_core.load_official_checkpoint("hlip.pt", "vit_base_multiscan_h2_token1176")
+
+The model names are imported on first use, so ``import hlip_core.data`` (ingestion worker
+processes, command-line tools) does not pay for importing torch.
 """
-from .model import (
-    CheckpointMismatchError,
-    HLIPModel,
-    create_model,
-    get_config,
-    list_configs,
-    load,
-    load_official_checkpoint,
-    save,
-    train_wordpiece,
-)
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointMismatchError", "HLIPModel", "create_model", "get_config", "list_configs", "load",
-    "load_official_checkpoint", "save", "train_wordpiece",
-]
+_LAZY = {
+    "CheckpointMismatchError": ".model", "HLIPModel": ".model", "create_model": ".model", "get_config": ".model",
+    "list_configs": ".model", "load": ".model", "load_official_checkpoint": ".model", "save": ".model",
+    "train_wordpiece": ".model", "StudyPredictor": ".inference",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'hlip_core' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
