@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python train/demo.py
 
 test: $(STAMP)
+	tools/system-packages
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
