@@ -47,6 +47,9 @@ class PreparedStudy:
     study_id: str
     scans: list[PreparedScan]
     skipped: list = field(default_factory=list)
+    # what the model's last block reads, per (model, device, precision): new findings on a study
+    # kept in memory re-run only that block (a twelfth of ViT-B's work)
+    last_block_input: dict = field(default_factory=dict, repr=False, compare=False)
 
     def tensor(self) -> torch.Tensor:
         """[1, N, 1, D, H, W] float32."""
@@ -157,10 +160,10 @@ class StudyPredictor:
     def predict(self, source, findings, heatmaps: bool = False) -> StudyResult:
         """Score ``findings`` (free text or Finding objects) for one study; optionally with heat maps
         as SimpleITK images in the original geometry of each scan."""
+        items = self._findings(findings)  # checked before any work on the study
         study = self.prepare(source)
-        items = self._findings(findings)
-        scores = self.score(self.embed(study), items)
-        maps, shares = self._relevance(study, items)
+        maps, shares, z = self._relevance(study, items)  # one forward pass: embedding and relevance
+        scores = self.score(z[None], items)
         results, drivers = [], {}
         for j, f in enumerate(items):
             k = int(shares[j].argmax())
@@ -176,10 +179,15 @@ class StudyPredictor:
         return out
 
     def _relevance(self, study: PreparedStudy, items: list[Finding]):
-        x = study.tensor().to(self.device)
+        """(maps [F, V, D, H, W], scan shares [F, V], normalised study embedding [E]) as numpy."""
+        key = (id(self.model), str(self.device), self.precision)
+        state = study.last_block_input.get(key)
+        x = None if state is not None else study.tensor().to(self.device)
         with autocast(self.device, self.precision):
-            maps, shares = relevance_maps(self.model, x, None, self.text_directions(items).to(self.device))
-        return maps.float().cpu().numpy(), shares.float().cpu().numpy()
+            maps, shares, z, state = relevance_maps(self.model, x, None, self.text_directions(items).to(self.device),
+                                                    return_embedding=True, state=state)
+        study.last_block_input[key] = state
+        return maps.float().cpu().numpy(), shares.float().cpu().numpy(), F.normalize(z.float(), dim=-1).cpu().numpy()
 
     @staticmethod
     def _to_scan(model_map: np.ndarray, scan: PreparedScan):

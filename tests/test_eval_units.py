@@ -139,3 +139,56 @@ def test_approximate_search_finds_what_exact_search_finds_reading_a_fraction(tmp
     # saving the index without lists removes stale ones
     EmbeddingIndex.build(emb[:100], ids[:100]).save(tmp_path / "index")
     assert EmbeddingIndex.load(tmp_path / "index").ivf is None
+
+
+def test_relevance_of_every_finding_from_one_pass_equals_a_full_backward_per_finding():
+    import torch.nn.functional as F
+
+    import hlip_core
+    from hlip_core.eval.saliency import _to_patch_grid, relevance_maps
+
+    torch.manual_seed(0)
+    model = hlip_core.create_model("tiny_multiscan_h2").eval()
+    x, mask = torch.rand(1, 3, 1, 32, 64, 64), torch.tensor([[True, True, False]])
+    directions = torch.randn(4, model.config["embed_dim"])
+    maps, shares, z, _ = relevance_maps(model, x, mask, directions, return_embedding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(z, model.encode_study(x, mask)[0], rtol=1e-5, atol=1e-6)
+    trunk, attn_module = model.visual.trunk, model.visual.trunk.blocks[-1].attn
+    attn_module.keep_attention = True
+    for f, direction in enumerate(directions):  # the plain way: forward and backward through everything
+        model.zero_grad()
+        cls, _, lay = trunk.forward_tokens(x.clone().requires_grad_(True), mask)
+        attn = attn_module.last_attention
+        attn.retain_grad()
+        (F.normalize(model.visual.head(cls), dim=-1)[0] @ direction).backward()
+        cam = (attn.grad * attn).clamp(min=0).mean(dim=1)[:, 0, 1:].detach()
+        expected = _to_patch_grid(cam, trunk.blocks[-1].level, lay, x.shape[-3:], trunk.patch_size)
+        torch.testing.assert_close(maps[f], expected / expected.max(), rtol=1e-4, atol=1e-6)
+        assert shares[f].shape == (2,) and float(shares[f].sum()) == pytest.approx(1.0)
+    attn_module.keep_attention = False
+
+
+def test_new_findings_on_a_kept_study_rerun_only_the_last_block_with_the_same_answer():
+    import hlip_core
+    from hlip_core.inference import PreparedScan, PreparedStudy, StudyPredictor
+
+    torch.manual_seed(0)
+    tok = hlip_core.train_wordpiece(["a mass", "no mass", "an infarct", "no infarct"], vocab_size=100, min_frequency=1)
+    predictor = StudyPredictor(hlip_core.create_model("tiny_multiscan_h2", tokenizer=tok))
+    arrays = np.random.default_rng(0).random((2, 32, 64, 64), dtype=np.float32)
+    study = PreparedStudy("s", [PreparedScan(f"scan{i}", "MR", "", None, a, {}) for i, a in enumerate(arrays)])
+    first = predictor.predict(study, ["mass"])
+    assert len(study.last_block_input) == 1
+    calls = []
+    hook = predictor.model.visual.trunk.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    again = predictor.predict(study, ["mass", "infarct"])
+    hook.remove()
+    assert calls == []  # the first block did not run again
+    other = PreparedStudy("s", study.scans)
+    fresh = predictor.predict(other, ["mass", "infarct"])
+    for a, b in zip(again.findings, fresh.findings):
+        assert (a.scan_id, a.finding) == (b.scan_id, b.finding)
+        assert a.probability == pytest.approx(b.probability, abs=1e-6) and a.score == pytest.approx(b.score, abs=1e-6)
+    assert again.findings[0].probability == pytest.approx(first.findings[0].probability, abs=1e-6)
+    assert fresh.findings[0].probability == pytest.approx(float(predictor.score(predictor.embed(other), ["mass"])["probability"][0, 0]), abs=1e-5)

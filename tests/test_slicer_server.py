@@ -228,10 +228,18 @@ def test_refusals_reach_the_user_as_the_servers_sentences(server, client, setup,
         unconnected.findings(MANY + ["one more"], study="studyA", heatmaps=False)
     with pytest.raises(ValueError, match="at most 32"):  # a connected client says it before sending
         client.findings(MANY + ["one more"], study="studyA", heatmaps=False)
-    # a file that only looks like a volume is accepted by the upload, then refused by the findings
+    # a file that only looks like a volume is refused by the upload
     fake = tmp_path / "notes.nii"
     fake.write_text("these are notes, not an image")
-    session = client.upload_study([fake])
+    with pytest.raises(RequestRejected, match="'notes.nii' is not a readable NIfTI") as e:
+        client.upload_study([fake])
+    assert e.value.status == 400
+    # a real volume that is no usable scan (2 slices) is accepted, then refused by the findings
+    import SimpleITK as sitk
+
+    thin = tmp_path / "thin.nii.gz"
+    sitk.WriteImage(sitk.Image(32, 32, 2, sitk.sitkInt16), str(thin))
+    session = client.upload_study([thin])
     with pytest.raises(RequestRejected, match="no usable scan") as e:
         client.findings(FINDINGS, session_id=session.session_id, heatmaps=False)
     assert e.value.status == 422

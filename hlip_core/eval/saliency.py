@@ -16,43 +16,55 @@ import torch
 import torch.nn.functional as F
 
 
-def relevance_maps(model, studies: torch.Tensor, scan_mask: torch.Tensor | None, directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relevance_maps(model, studies: torch.Tensor | None, scan_mask: torch.Tensor | None, directions: torch.Tensor,
+                   return_embedding: bool = False, state=None):
     """Relevance of every patch for each finding direction.
 
     studies: [1, N, 1, D, H, W] one study; scan_mask [1, N] or None.
     directions: [F, E] text directions (positive minus negative prompt embedding), one per finding.
+    state: the study's ``trunk.forward_until_last`` output, if kept from an earlier call (then
+    ``studies`` may be None): only the last block runs again.
     Returns (maps [F, V, D, H, W] on the model grid, each finding's maps scaled to max 1 over the
-    study; scan_share [F, V] the share of each valid scan in the finding's total relevance).
+    study; scan_share [F, V] the share of each valid scan in the finding's total relevance), and
+    with ``return_embedding`` also the study's normalised embedding [E] and the ``state`` to keep.
+
+    The blocks before the last run without a graph; the last block's cls attention reaches the
+    score only through that block's tail (projection, MLP, final norm, head), so each finding's
+    gradient is a small backward pass through the tail (``torch.autograd.grad`` to the attention).
     """
-    if studies.ndim != 6 or studies.shape[0] != 1:
-        raise ValueError(f"relevance maps take one study [1, N, 1, D, H, W], got {tuple(studies.shape)}")
     trunk = model.visual.trunk
     attn_module = trunk.blocks[-1].attn
     was_training = model.training
     model.eval()
-    attn_module.keep_attention = True
     maps, shares = [], []
     try:
-        for direction in directions:
-            model.zero_grad(set_to_none=True)
-            x = studies.detach().clone().requires_grad_(True)  # guarantees a graph even with frozen weights
-            with torch.enable_grad():
-                cls, _, lay = trunk.forward_tokens(x, scan_mask)
-                z = F.normalize(model.visual.head(cls), dim=-1)
-                score = (z[0] * direction.to(z.dtype)).sum()
-                score.backward()
+        if state is None:
+            if studies is None or studies.ndim != 6 or studies.shape[0] != 1:
+                raise ValueError(f"relevance maps take one study [1, N, 1, D, H, W], got {None if studies is None else tuple(studies.shape)}")
+            with torch.no_grad():
+                state = trunk.forward_until_last(studies, scan_mask)
+        attn_module.keep_attention = True
+        with torch.enable_grad():
+            start = state.detach()
+            start.seq.requires_grad_(True)  # a graph even with frozen weights
+            cls, _, lay = trunk.forward_last(start)
+            z = F.normalize(model.visual.head(cls), dim=-1)
             attn = attn_module.last_attention  # [P, heads, 1, L]
-            cam = (attn.grad * attn).clamp(min=0).mean(dim=1)[:, 0, 1:].detach().float()  # drop the cls column
-            maps_f = _to_patch_grid(cam, trunk.blocks[-1].level, lay, x.shape[-3:], trunk.patch_size)
-            total = maps_f.flatten(1).sum(dim=1)
-            shares.append(total / total.sum().clamp(min=1e-12))
-            maps.append(maps_f / maps_f.max().clamp(min=1e-12))
+            scores = z[0] @ directions.to(z.dtype).T  # [F]
+            size = tuple(g * p for g, p in zip(lay.grid, trunk.patch_size))  # the model grid (D, H, W)
+            for f in range(scores.shape[0]):
+                (grad,) = torch.autograd.grad(scores[f], attn, retain_graph=f + 1 < scores.shape[0])
+                cam = (grad * attn.detach()).clamp(min=0).mean(dim=1)[:, 0, 1:].float()  # drop the cls column
+                maps_f = _to_patch_grid(cam, trunk.blocks[-1].level, lay, size, trunk.patch_size)
+                total = maps_f.flatten(1).sum(dim=1)
+                shares.append(total / total.sum().clamp(min=1e-12))
+                maps.append(maps_f / maps_f.max().clamp(min=1e-12))
     finally:
         attn_module.keep_attention = False
         attn_module.last_attention = None
-        model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return torch.stack(maps), torch.stack(shares)
+    out = (torch.stack(maps), torch.stack(shares))
+    return out + (z[0].detach(), state) if return_embedding else out
 
 
 def _to_patch_grid(cam: torch.Tensor, level: str, lay, size, patch) -> torch.Tensor:

@@ -38,8 +38,9 @@ class Attention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
     Set ``keep_attention = True`` to also keep the attention of each partition's cls token (the
-    first query) over its sequence, with its gradient, in ``last_attention`` [P, heads, 1, L]. Only
-    that row is computed explicitly (memory grows with L, not L^2); saliency methods use it.
+    first query) over its sequence, in the autograd graph, in ``last_attention`` [P, heads, 1, L].
+    Only that row is computed explicitly (memory grows with L, not L^2); saliency methods take its
+    gradient with ``torch.autograd.grad``.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -65,8 +66,6 @@ class Attention(nn.Module):
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             attn = logits.softmax(dim=-1)
-            if attn.requires_grad:
-                attn.retain_grad()
             self.last_attention = attn
             out = torch.cat([attn @ v, out[:, :, 1:]], dim=2)
         return self.proj(out.transpose(1, 2).reshape(P, L, C))
@@ -134,10 +133,24 @@ class _Layout:
     study_of_scan: torch.Tensor  # [V] index of the study each valid scan belongs to
     scans_per_study: torch.Tensor  # [B] float
     padded: bool  # some slot is padding
+    grid: tuple[int, int, int] = (0, 0, 0)  # (d, h, w) patch grid of every scan
 
     @property
     def valid(self) -> int:
         return self.study_of_scan.numel()
+
+
+@dataclass
+class LastBlockInput:
+    """What the last block reads: its sequences [P, L, C] at its level, their key mask, the layout."""
+
+    seq: torch.Tensor
+    level: str
+    key_mask: torch.Tensor | None
+    lay: _Layout
+
+    def detach(self) -> "LastBlockInput":
+        return LastBlockInput(self.seq.detach(), self.level, self.key_mask, self.lay)
 
 
 class HierarchicalViT(nn.Module):
@@ -315,7 +328,7 @@ class HierarchicalViT(nn.Module):
         tokens = tokens.reshape(V, slabs, -1, C)
         if self.training and self.patch_dropout > 0:
             tokens = self._drop_patches(tokens)
-        lay = _Layout(B, N, slabs, tokens.shape[2], scan_mask, study_of_scan, scan_mask.sum(dim=1).float(), padded)
+        lay = _Layout(B, N, slabs, tokens.shape[2], scan_mask, study_of_scan, scan_mask.sum(dim=1).float(), padded, (d, h, w))
         return tokens, lay
 
     def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -328,12 +341,18 @@ class HierarchicalViT(nn.Module):
     def forward_tokens(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, _Layout]:
         """Run all blocks. Returns (study cls [B, C] after the final norm, patch tokens [V, S, T, C]
         after the final norm, the layout)."""
+        return self.forward_last(self.forward_until_last(x, scan_mask))
+
+    def forward_until_last(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> "LastBlockInput":
+        """Every block but the last, and the level transition into the last: what the last block
+        reads. Saliency keeps it to score new findings by re-running only the last block."""
         patches, lay = self.embed(x, scan_mask)
         level = self.levels[0]
         cls = self.cls_token[0].expand(self._partitions(level, lay), -1).to(patches.dtype)
         seq = self._to_sequences(patches, cls, level, lay)
         study_mask = self._study_key_mask(lay)
-        for blk in self.blocks:
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
             if blk.level != level:
                 patches, cls = self._from_sequences(seq, level, lay)
                 if _RANK[blk.level] > _RANK[level]:
@@ -342,15 +361,24 @@ class HierarchicalViT(nn.Module):
                     cls = self._split_cls(cls, level, blk.level, lay)
                 level = blk.level
                 seq = self._to_sequences(patches, cls, level, lay)
-            mask = study_mask if level == "study" else None
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                seq = checkpoint(blk, seq, mask, use_reentrant=False)
-            else:
-                seq = blk(seq, mask)
-        patches, cls = self._from_sequences(seq, level, lay)
-        if level != "study":
-            cls = self._merge_cls(cls, level, "study", lay)
-        return self.norm(cls), self.norm(patches), lay
+            if i == last:
+                break
+            seq = self._run_block(blk, seq, study_mask if level == "study" else None)
+        return LastBlockInput(seq, level, study_mask if level == "study" else None, lay)
+
+    def forward_last(self, state: "LastBlockInput") -> tuple[torch.Tensor, torch.Tensor, _Layout]:
+        """The last block and the final norm, from ``forward_until_last``'s output; returns as
+        ``forward_tokens``."""
+        seq = self._run_block(self.blocks[-1], state.seq, state.key_mask)
+        patches, cls = self._from_sequences(seq, state.level, state.lay)
+        if state.level != "study":
+            cls = self._merge_cls(cls, state.level, "study", state.lay)
+        return self.norm(cls), self.norm(patches), state.lay
+
+    def _run_block(self, blk: Block, seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, seq, mask, use_reentrant=False)
+        return blk(seq, mask)
 
     def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, 1, D, H, W]; scan_mask: [B, N] bool (True = real scan) or None. Returns [B, C]."""
