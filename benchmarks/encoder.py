@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--scans", default="1,2,4,8,16", help="numbers of scans per study (default: %(default)s)")
     parser.add_argument("--width", type=int, default=None, help="override the width (default: the configuration's)")
     parser.add_argument("--heads", type=int, default=None, help="heads when --width is given")
-    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per model and point; the best is kept (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and point, in turns; the best is kept (default: %(default)s)")
     parser.add_argument("--_time", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
