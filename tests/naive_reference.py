@@ -35,6 +35,7 @@ def _keys(level: str, n_scans: int, n_slabs: int) -> list[tuple]:
 def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: torch.Tensor, prefix: str = "") -> torch.Tensor:
     """One study [N, 1, D, H, W] (valid scans only, evaluation mode) -> trunk feature [C]."""
     w = sd[prefix + "patch_embed.proj.weight"]
+    study = (study - 0.449) / 0.226  # the input standardisation of HLIP's training
     tok = F.conv3d(study, w, sd[prefix + "patch_embed.proj.bias"], stride=patch).permute(0, 2, 3, 4, 1)
     N, d, h, ww, C = tok.shape
     spatial = sd[prefix + "spatial_posemb"]

@@ -367,3 +367,20 @@ def test_the_command_line_reports_bad_data_without_a_traceback(tmp_path):
     out = pretrain(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")], timeout=120)
     assert out.returncode == 2
     assert "no manifest at" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_encoder_standardises_its_inputs_as_hlip_was_trained():
+    """Scans arrive in [0, 1]; the public HLIP training fed (x - 0.449) / 0.226 to the patch embedding,
+    so released weights expect it, and uncentred inputs train far worse from scratch."""
+    model = tiny_model().eval()
+    trunk = model.visual.trunk
+    x = torch.rand(2, 2, 1, 32, 64, 64)
+    with torch.no_grad():
+        got = trunk(x)
+        trunk.input_mean, trunk.input_std = 0.0, 1.0
+        expected = trunk((x - 0.449) / 0.226)
+        unstandardised = trunk(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, unstandardised, atol=1e-3)
+    other = hlip_core.create_model("tiny_multiscan_h2", vision={"input_mean": 0.5, "input_std": 0.25}).visual.trunk
+    assert (other.input_mean, other.input_std) == (0.5, 0.25)

@@ -26,6 +26,8 @@ def build_trunk(vision: dict) -> HierarchicalViT:
         max_scans=int(vision.get("max_scans", 40)),
         drop_path_rate=float(vision.get("drop_path", 0.0)),
         patch_dropout=float(vision.get("patch_dropout", 0.0)),
+        input_mean=float(vision.get("input_mean", 0.449)),
+        input_std=float(vision.get("input_std", 0.226)),
     )
 
 

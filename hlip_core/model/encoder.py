@@ -161,6 +161,9 @@ class HierarchicalViT(nn.Module):
     max_scans: rows of the scan-index table; 1 means single-scan studies (no scan-index table).
     patch_dropout: fraction of patch tokens dropped in training, the same count in every partition
     of the finest level used by the schedule, so partitions still tile the study.
+    input_mean, input_std: scans come in as [0, 1] intensities and are standardised to
+    (x - input_mean) / input_std before the patch embedding, as the public HLIP training did
+    (the mean of ImageNet's channel means and standard deviations); released weights expect it.
     """
 
     def __init__(
@@ -175,6 +178,8 @@ class HierarchicalViT(nn.Module):
         in_chans: int = 1,
         drop_path_rate: float = 0.0,
         patch_dropout: float = 0.0,
+        input_mean: float = 0.449,
+        input_std: float = 0.226,
     ):
         super().__init__()
         for i, (s, p) in enumerate(zip(img_size, patch_size)):
@@ -188,6 +193,7 @@ class HierarchicalViT(nn.Module):
         self.max_scans = max_scans
         self.in_chans = in_chans
         self.patch_dropout = patch_dropout
+        self.input_mean, self.input_std = float(input_mean), float(input_std)
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed3D(self.patch_size, in_chans, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -301,6 +307,7 @@ class HierarchicalViT(nn.Module):
     def embed(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, _Layout]:
         """Patch + position embedding of the valid scans: tokens [V, S, T, C] and the batch layout."""
         scan_mask = self._check_input(x, scan_mask)
+        x = (x - self.input_mean) / self.input_std
         B, N = scan_mask.shape
         if self.training and self.sequential_posemb is not None and N > self.max_scans:
             raise ValueError(
