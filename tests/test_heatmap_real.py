@@ -71,7 +71,10 @@ def test_heat_maps_have_exactly_the_geometry_of_the_real_series(predictor, real_
             assert same_geometry(heat, image), (finding, scan_id)
             assert heat.GetPixelID() == sitk.sitkFloat32
             values = sitk.GetArrayViewFromImage(heat)
-            assert np.isfinite(values).all() and values.max() > 0
+            assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1 + 1e-6
+    # the trained finding points somewhere; "no abnormality" may be supported by no patch at all
+    # on anatomy the model has never seen (then its map is blank, which is an answer, not a fault)
+    assert max(sitk.GetArrayViewFromImage(h).max() for h in result.all_heatmaps["bright lesion"].values()) > 0.5
 
 
 def test_a_box_planted_in_the_scans_own_voxels_gets_the_maximum(predictor, real_scan):

@@ -6,7 +6,9 @@ cls token, which reads the patch tokens through the last block's attention; we t
 cls-to-token attention A [heads, tokens], its gradient G with respect to the finding's score
 (cosine to the positive prompt minus cosine to the negative prompt), and keep
 ``mean over heads of relu(G * A)``: tokens the cls attends to AND whose attention raises the
-score. Whatever the last block's level (study, scan or slice), each token belongs to one patch of
+score. A finding that no patch supports (G * A <= 0 everywhere, typical of a "normal" finding
+on a study the model reads as abnormal) gets an all-zero map: nothing in the scans raises it.
+Whatever the last block's level (study, scan or slice), each token belongs to one patch of
 one scan, so the map is laid back on each scan's patch grid and upsampled (trilinear) to the model
 grid; the ingestion's ``to_scan_space`` then returns it in the scan's original geometry.
 """
