@@ -17,7 +17,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train/demo.py
+	$(BIN)/python train/pretrain.py
 
 test: $(STAMP)
 	tools/system-packages

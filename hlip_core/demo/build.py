@@ -134,7 +134,7 @@ def generate_split(folder: Path, split: str, count: int, seed: int, anatomy: Ana
     return reports
 
 
-def build_demo(folder: str | os.PathLike = "demo_output", train_studies: int = 360, test_studies: int = 120,
+def build_demo(folder: str | os.PathLike = "demo_output", train_studies: int = 1500, test_studies: int = 120,
                seed: int = 0, workers: int = 2, progress: bool = True) -> DemoData:
     """Generate (or find) the demo studies and prepare them with ``hlip_core.data.prepare_archive``."""
     from ..data import prepare_archive

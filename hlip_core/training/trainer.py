@@ -9,10 +9,11 @@ shards and the gradient averaging are handled here (NCCL on GPU, gloo on CPU).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient) stopped being a finite number; the run stopped before using it."""
 
@@ -54,6 +61,21 @@ class TrainResult:
     loss: float  # the last step's loss
     evaluation: dict | None = None  # the last zero-shot result (see evaluate.zero_shot_auc)
     history: list[dict] = field(default_factory=list)  # every evaluation, with its step
+    throughput: dict = field(default_factory=dict)  # median step time, studies/s, peak memory per process
+
+    def to_dict(self) -> dict:
+        return {"model_path": str(self.model_path), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "steps": self.steps, "seconds": self.seconds, "loss": self.loss, "evaluation": self.evaluation,
+                "history": self.history, "throughput": self.throughput}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: GPU memory allocated on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -99,6 +121,7 @@ class Trainer:
         self.dataset = StudyDataset(records, root, config.max_scans, config.report_prefix, config.seed)
         self.held = load_held_out(config.eval_data, config.eval_prompts) if config.eval_data else None
         self.history: list[dict] = []
+        self.step_peak_mb: float | None = None
 
     # -- setting up ---------------------------------------------------------------------------
 
@@ -222,7 +245,7 @@ class Trainer:
         bar = self._progress_bar(start_step)
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoints) if resume is not None else None
         loss_value, rate = float("nan"), None
-        step = start_step
+        step_times: list[float] = []
         try:
             batches = iter(loader)
             for step in range(start_step, cfg.steps):
@@ -248,8 +271,10 @@ class Trainer:
                 scaler.update()
                 clamp_logit_scale(model)
                 done = step + 1
+                self.step_peak_mb = peak_memory_mb(device)  # before any checkpoint or evaluation of this step
 
                 seconds = time.perf_counter() - tick
+                step_times = (step_times + [seconds])[-1000:]
                 now = sampler.global_batch / max(seconds, 1e-9)
                 rate = now if rate is None else 0.9 * rate + 0.1 * now
                 if bar is not None:
@@ -286,10 +311,24 @@ class Trainer:
         barrier(env)
         seconds = time.perf_counter() - started
         result = TrainResult(final, last_checkpoint or ckpt.latest_checkpoint(self.checkpoints), cfg.steps, seconds,
-                             loss_value, self.history[-1] if self.history else None, list(self.history))
+                             loss_value, self.history[-1] if self.history else None, list(self.history),
+                             self._throughput(step_times, sampler.global_batch))
         if env.is_main:
+            _write_json(self.out / "summary.json", result.to_dict())
             self._summary(result)
         return result
+
+    def _throughput(self, step_times: list[float], global_batch: int) -> dict:
+        """Median step time (the first two steps, which warm up, left out when there are more),
+        studies/s, and the peak memory of each process over its training steps (checkpoints and
+        evaluations after the last step not included)."""
+        times = step_times[2:] if len(step_times) > 4 else step_times
+        median = float(np.median(times)) if times else float("nan")
+        peak = self.step_peak_mb if self.step_peak_mb is not None else peak_memory_mb(self.device)
+        peaks = all_gather_json(peak, self.env, self.device)
+        return {"step_seconds": median, "studies_per_second": global_batch / median if times else float("nan"),
+                "global_batch": global_batch, "processes": self.env.world, "peak_memory_mb": max(peaks),
+                "peak_memory_mb_per_process": peaks, "device": str(self.device), "precision": self.precision}
 
     def _check_scan_counts(self, model: HLIPModel) -> None:
         """K must fit the model's scan-index table; single-scan models see one scan per study."""
@@ -363,7 +402,12 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="training")
+        import sys
+
+        # redrawn a few times a second on a terminal; in a log file (no terminal) a line every 30 s
+        interval = 0.2 if sys.stderr.isatty() else 30.0
+        return tqdm(total=self.cfg.steps, initial=start_step, unit="step", dynamic_ncols=True, desc="training",
+                    mininterval=interval, maxinterval=max(10.0, interval))
 
     def _summary(self, result: TrainResult) -> None:
         lines = [f"training finished: {result.steps} steps in {result.seconds / 60:.1f} min, last loss {result.loss:.4f}",
