@@ -13,9 +13,8 @@ import copy
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..data.archive import _atomic_write, _peak_memory_mb
 from ..data.manifest import read_settings
 from ..loss import make_loss
 from ..model import HLIPModel, autocast, create_model, save
@@ -42,12 +42,6 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient) stopped being a finite number; the run stopped before using it."""
 
@@ -63,19 +57,14 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # every evaluation, with its step
     throughput: dict = field(default_factory=dict)  # median step time, studies/s, peak memory per process
 
-    def to_dict(self) -> dict:
-        return {"model_path": str(self.model_path), "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "steps": self.steps, "seconds": self.seconds, "loss": self.loss, "evaluation": self.evaluation,
-                "history": self.history, "throughput": self.throughput}
-
 
 def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory so far: GPU memory allocated on a GPU, resident memory on the CPU."""
+    """This process's peak memory so far: GPU memory allocated on a GPU, resident memory on the CPU
+    (the ingestion's measure, which, unlike ru_maxrss, does not inherit the launching process's peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+    peak = _peak_memory_mb()
+    return float("nan") if peak is None else peak
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -314,7 +303,7 @@ class Trainer:
                              loss_value, self.history[-1] if self.history else None, list(self.history),
                              self._throughput(step_times, sampler.global_batch))
         if env.is_main:
-            _write_json(self.out / "summary.json", result.to_dict())
+            _atomic_write(self.out / "summary.json", json.dumps(asdict(result), indent=2, default=str).encode("utf-8"))
             self._summary(result)
         return result
 
