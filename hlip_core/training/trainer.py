@@ -305,6 +305,10 @@ class Trainer:
         if env.is_main:
             _atomic_write(self.out / "summary.json", json.dumps(asdict(result), indent=2, default=str).encode("utf-8"))
             self._summary(result)
+        # leave together: a gloo process whose peer has already torn its connections down can
+        # abort in its own teardown ("terminate called without an active exception", seen once in
+        # the 2-process test while rank 0 was still writing the summary)
+        barrier(self.env)
         return result
 
     def _throughput(self, step_times: list[float], global_batch: int) -> dict:
