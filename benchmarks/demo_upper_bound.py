@@ -31,14 +31,25 @@ from hlip_core.demo import FINDINGS
 CONTRASTS = ("t1", "t2_tse", "flair", "diff")  # series-name fragments of the demo's 4 contrasts
 
 
+def _split(folder: Path, split: str) -> tuple[Path, dict[str, dict]]:
+    """The prepared folder of a demo split and its label rows by study id."""
+    root = folder / split / "prepared"
+    if not (root / "manifest.jsonl").is_file():
+        raise SystemExit(f"no prepared demo split in {root}: run the demo first (python train/pretrain.py --demo-folder {folder})")
+    return root, {r["study_id"]: r for r in csv.DictReader(open(folder / split / "reports.csv", encoding="utf-8"))}
+
+
+def _labels(rows: dict[str, dict], ids: list[str]) -> torch.Tensor:
+    return torch.tensor([[int(rows[i][f]) for f in FINDINGS] for i in ids], dtype=torch.float32)
+
+
 def load_studies(folder: Path, split: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each study as its scans [N, 1, D, H, W] (the model's input), with the labels [S, 5]."""
     from hlip_core.eval.embedding import item_tensor, manifest_items
 
-    labels = {r["study_id"]: r for r in csv.DictReader(open(folder / split / "reports.csv", encoding="utf-8"))}
-    items = manifest_items(folder / split / "prepared")
-    return [item_tensor(i) for i in items], torch.tensor([[int(labels[i.item_id][f]) for f in FINDINGS] for i in items],
-                                                          dtype=torch.float32)
+    root, rows = _split(folder, split)
+    items = manifest_items(root)
+    return [item_tensor(i) for i in items], _labels(rows, [i.item_id for i in items])
 
 
 class ViTClassifier(nn.Module):
@@ -61,11 +72,9 @@ class ViTClassifier(nn.Module):
 
 
 def load(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    root = folder / split / "prepared"
-    if not (root / "manifest.jsonl").is_file():
-        raise SystemExit(f"no prepared demo split in {root}: run the demo first (python train/pretrain.py --demo-folder {folder})")
-    labels = {r["study_id"]: r for r in csv.DictReader(open(folder / split / "reports.csv", encoding="utf-8"))}
-    xs, ys = [], []
+    """Each study as the 4 contrasts stacked as channels [S, 4, D, H, W] (zeros for a missing one), with the labels."""
+    root, rows = _split(folder, split)
+    xs, ids = [], []
     for line in (root / "manifest.jsonl").read_text().splitlines():
         record = json.loads(line)
         x = None
@@ -77,8 +86,8 @@ def load(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
             if hits:
                 x[hits[0]] = array / 255.0
         xs.append(x)
-        ys.append([int(labels[record["study_id"]][f]) for f in FINDINGS])
-    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.float32)
+        ids.append(record["study_id"])
+    return torch.from_numpy(np.stack(xs)), _labels(rows, ids)
 
 
 def block(i: int, o: int) -> nn.Module:
@@ -109,8 +118,8 @@ def main() -> None:
         model = ViTClassifier()
         batch = lambda x, index: [x[int(i)] for i in index]  # noqa: E731
     # the CNN as it was first measured; the ViT with the demo's recipe (weight decay, 50 warm-up steps, clipping)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3) if args.model == "cnn" else torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
-    warmup = 0 if args.model == "cnn" else 50
+    vit = args.model == "vit"
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05 if vit else 0.01)
     step = 0
     start = time.perf_counter()
     for epoch in range(args.epochs):
@@ -119,12 +128,13 @@ def main() -> None:
         for i in range(0, len(order), 32):
             b = order[i : i + 32]
             step += 1
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * min(1.0, step / warmup) if warmup else 1e-3
+            if vit:
+                for group in opt.param_groups:
+                    group["lr"] = 1e-3 * min(1.0, step / 50)
             loss = nn.functional.binary_cross_entropy_with_logits(model(batch(x_train, b)), y_train[b])
             opt.zero_grad()
             loss.backward()
-            if args.model == "vit":
+            if vit:
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         model.eval()

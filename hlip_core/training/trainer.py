@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -394,8 +395,6 @@ class Trainer:
         if not (self.cfg.progress and self.env.is_main):
             return None
         from tqdm import tqdm
-
-        import sys
 
         # redrawn a few times a second on a terminal; in a log file (no terminal) a line every 30 s
         interval = 0.2 if sys.stderr.isatty() else 30.0
