@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -152,5 +153,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit(code: int) -> None:
+    """Leave with ``code``. A torchrun worker skips the interpreter's finalisation once everything
+    it writes is written (checkpoints and summaries are atomic and closed before main() returns):
+    gloo's C++ threads can still be tearing down then, and a finalising interpreter that meets them
+    aborts the process (SIGABRT, "terminate called without an active exception") after a complete
+    run, which torchrun reports as a failed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
