@@ -172,6 +172,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def test_patch_embedding_is_the_strided_convolution_of_the_standardised_scan():
+    trunk = small_trunk(H2)
+    trunk.input_mean, trunk.input_std = 0.4, 0.2
+    x = torch.rand(3, 1, 16, 32, 32)
+    conv = trunk.patch_embed.proj((x - 0.4) / 0.2).permute(0, 2, 3, 4, 1)
+    torch.testing.assert_close(trunk.patch_embed(x, 0.4, 0.2), conv, atol=1e-5, rtol=1e-5)
+    # and its weight gradient is the convolution's (float64: the algebra, not the summation order)
+    embed, x = trunk.patch_embed.double(), x.double()
+    grads = []
+    for run in (lambda: embed(x, 0.4, 0.2), lambda: embed.proj((x - 0.4) / 0.2).permute(0, 2, 3, 4, 1)):
+        embed.zero_grad()
+        (run() * torch.linspace(-1, 1, 48, dtype=torch.float64)).square().sum().backward()
+        grads.append(embed.proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
+
+
+def test_uint8_scans_embed_as_their_float_intensities():
+    trunk = small_trunk(H2)
+    raw = torch.randint(0, 256, (2, 2, 1, 16, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(raw), trunk(raw.float() / 255.0), atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_autocast_is_close_to_fp32():
     trunk = small_trunk(H2)
     x = torch.randn(2, 2, 1, 16, 32, 32)

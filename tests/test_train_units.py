@@ -92,7 +92,12 @@ def test_dataset_samples_distinct_scans_shuffles_sentences_and_is_deterministic(
     ds = StudyDataset(records, root, max_scans=3, prefix="This {modality} study shows: ", seed=7)
     sample = ds[(0, 1)]
     assert sample.scans.shape == (3, 1, 32, 64, 64)
-    assert sample.scans.dtype == torch.float32 and 0.0 <= float(sample.scans.min()) and float(sample.scans.max()) <= 1.0
+    assert sample.scans.dtype == torch.uint8  # uint8 storage stays uint8 until the model (which reads x / 255)
+    stored16 = write_manifest(tmp_path / "prep16", studies=4, scans=(5, 5), dtype="float16")
+    records16, root16 = load_records(stored16)
+    as_float = StudyDataset(records16, root16, max_scans=3, prefix="This {modality} study shows: ", seed=7)[(0, 1)]
+    assert as_float.scans.dtype == torch.float32  # other storage comes as float32 in [0, 1]
+    torch.testing.assert_close(as_float.scans, sample.scans.float() / 255.0, atol=2e-3, rtol=0)
     flat = sample.scans.flatten(1)
     assert all(not torch.equal(flat[i], flat[j]) for i in range(3) for j in range(i))  # three different scans
     assert sample.text.startswith("This MRI study shows: ")
@@ -118,6 +123,13 @@ def test_collate_pads_studies_and_marks_padding_in_the_scan_mask(tmp_path):
     for i, n in enumerate(counts):
         assert float(batch["studies"][i, n:].abs().sum()) == 0.0
     assert batch["tokens"][0].shape[0] == 6
+    assert batch["studies"].dtype == torch.uint8
+    # a float sample among uint8 ones: the batch is float32 in [0, 1], the uint8 studies divided by 255
+    samples = [ds[(0, i)] for i in range(2)]
+    samples[1].scans = samples[1].scans.float() / 255.0
+    mixed = Collate(model.tokenizer)(samples)
+    assert mixed["studies"].dtype == torch.float32
+    torch.testing.assert_close(mixed["studies"][0, : counts[0]], samples[0].scans.float() / 255.0)
 
 
 def test_a_broken_study_is_logged_and_replaced_by_the_next(tmp_path, caplog):

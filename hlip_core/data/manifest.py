@@ -114,10 +114,12 @@ def read_settings(path: str | os.PathLike) -> dict | None:
     return json.loads(settings.read_text()) if settings.is_file() else None
 
 
-def load_scan(root: str | os.PathLike, scan: dict, mmap: bool = True) -> np.ndarray:
+def load_scan(root: str | os.PathLike, scan: dict, mmap: bool = True, as_float: bool = True) -> np.ndarray:
     """The model-grid array of one manifest scan as float32 [D, H, W] in [0, 1].
 
     root: the manifest's folder (scan paths are relative to it).
+    as_float: False keeps uint8 storage as uint8 [0, 255] (the model reads it as x / 255), a
+    quarter of the memory to copy into batches; other storage comes as float32 either way.
     """
     path = Path(root) / scan["path"]
     if not path.is_file():
@@ -126,5 +128,5 @@ def load_scan(root: str | os.PathLike, scan: dict, mmap: bool = True) -> np.ndar
     if list(array.shape) != list(scan["shape"]):
         raise ManifestError(f"scan {scan['scan_id']!r}: {scan['path']} holds {list(array.shape)}, the manifest says {scan['shape']}")
     if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+        return np.array(array) if not as_float else array.astype(np.float32) / 255.0
     return np.asarray(array, dtype=np.float32)

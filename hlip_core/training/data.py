@@ -90,7 +90,7 @@ def scan_shape(records: Sequence[dict]) -> tuple[int, int, int]:
 @dataclass
 class Sample:
     study_id: str
-    scans: torch.Tensor  # [n, 1, D, H, W] float32 in [0, 1]
+    scans: torch.Tensor  # [n, 1, D, H, W]: uint8 in [0, 255] (uint8 storage) or float32 in [0, 1]
     text: str
 
 
@@ -129,11 +129,13 @@ class StudyDataset(Dataset):
         scans = record["scans"]
         chosen = rng.permutation(len(scans))[: self.max_scans]
         text = self.text(record, rng)
-        arrays = [load_scan(self.root, scans[i], mmap=False) for i in chosen]
+        arrays = [load_scan(self.root, scans[i], mmap=False, as_float=False) for i in chosen]
         if any(a.shape != arrays[0].shape for a in arrays):
             raise ValueError(f"scans of different shapes {[list(a.shape) for a in arrays]}")
+        if any(a.dtype != np.uint8 for a in arrays):
+            arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
         volume = np.stack(arrays)
-        if not np.isfinite(volume).all():
+        if volume.dtype != np.uint8 and not np.isfinite(volume).all():
             raise ValueError("a scan holds NaN or infinite values")
         return Sample(record["study_id"], torch.from_numpy(volume)[:, None], text)
 
@@ -154,7 +156,8 @@ class StudyDataset(Dataset):
 
 
 class Collate:
-    """Pads samples into a batch: studies [B, N, 1, D, H, W], scan_mask [B, N] bool, tokens, ids."""
+    """Pads samples into a batch: studies [B, N, 1, D, H, W], scan_mask [B, N] bool, tokens, ids.
+    Studies stay uint8 when every sample is (the model reads uint8 as x / 255), else float32."""
 
     def __init__(self, tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]):
         self.tokenize = tokenize
@@ -162,10 +165,12 @@ class Collate:
     def __call__(self, samples: list[Sample]) -> dict:
         n = max(s.scans.shape[0] for s in samples)
         shape = samples[0].scans.shape[1:]
-        studies = torch.zeros(len(samples), n, *shape)
+        dtype = torch.uint8 if all(s.scans.dtype == torch.uint8 for s in samples) else torch.float32
+        studies = torch.zeros(len(samples), n, *shape, dtype=dtype)
         mask = torch.zeros(len(samples), n, dtype=torch.bool)
         for i, s in enumerate(samples):
-            studies[i, : s.scans.shape[0]] = s.scans
+            scans = s.scans if s.scans.dtype == dtype else s.scans.float() / 255.0  # uint8 into a float batch
+            studies[i, : s.scans.shape[0]] = scans
             mask[i, : s.scans.shape[0]] = True
         ids, attention = self.tokenize([s.text for s in samples])
         return {"studies": studies, "scan_mask": mask, "tokens": (ids, attention), "study_ids": [s.study_id for s in samples]}

@@ -55,8 +55,10 @@ def load_held_out(manifest: str | os.PathLike, prompts: str | os.PathLike) -> He
 
 
 def _study_tensor(held: HeldOut, record: dict, max_scans: int) -> torch.Tensor:
-    arrays = [load_scan(held.root, s, mmap=False) for s in record["scans"][:max_scans]]
-    return torch.from_numpy(np.stack(arrays))[:, None]
+    arrays = [load_scan(held.root, s, mmap=False, as_float=False) for s in record["scans"][:max_scans]]
+    if any(a.dtype != np.uint8 for a in arrays):
+        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays))[:, None]  # uint8 [0, 255] (the model reads x / 255) or float32 [0, 1]
 
 
 @torch.no_grad()
@@ -79,10 +81,11 @@ def embed_held_out(model, held: HeldOut, device: torch.device, precision: str, b
         if not rows:
             continue
         count = max(s.shape[0] for s in studies)
-        x = torch.zeros(len(studies), count, *studies[0].shape[1:])
+        dtype = torch.uint8 if all(s.dtype == torch.uint8 for s in studies) else torch.float32
+        x = torch.zeros(len(studies), count, *studies[0].shape[1:], dtype=dtype)
         mask = torch.zeros(len(studies), count, dtype=torch.bool)
         for k, s in enumerate(studies):
-            x[k, : s.shape[0]] = s
+            x[k, : s.shape[0]] = s if s.dtype == dtype else s.float() / 255.0
             mask[k, : s.shape[0]] = True
         with autocast(device, precision):
             z = model.encode_study(x.to(device), mask.to(device))
