@@ -3,6 +3,7 @@ gradient accumulation, checkpoints without pickle, NaN handling, broken studies,
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pickle
@@ -351,6 +352,21 @@ def test_eval_during_training_reports_auc_per_finding_and_macro(tmp_path):
     assert [h["step"] for h in result.history] == [1, 2]
     assert set(result.evaluation["auc"]) == {"lesion"} and result.evaluation["studies"] == 8
     assert 0.0 <= result.evaluation["macro_auc"] <= 1.0
+
+
+def test_a_new_run_pretrains_its_text_tower_once_and_a_resumed_run_does_not_again(tmp_path):
+    held = write_manifest(tmp_path / "held", studies=8, scans=(1, 2), seed=9)
+    prompts = write_prompts(tmp_path / "prompts.json")
+    options = dict(text_pretrain_steps=30, text_pretrain_batch=8, text_pooling="sentence", lock_text=True,
+                   eval_data=str(held), eval_prompts=str(prompts), eval_every=4)
+    first = train(_config(tmp_path, **options))
+    stats = first.text_pretraining
+    assert stats["steps"] == 30 and stats["last_loss"] < stats["first_loss"]
+    assert stats["held_out_after"] < stats["held_out_before"]  # measured on the held-out studies' reports
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["text_pretraining"]["steps"] == 30
+    assert hlip_core.load(first.model_path).text.pooling == "sentence"
+    resumed = train(_config(tmp_path, **options, steps=6, resume="auto"))
+    assert resumed.text_pretraining is None  # the checkpoint already holds the pre-trained tower
 
 
 # -- options and command line ------------------------------------------------------------------

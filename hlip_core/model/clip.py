@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .encoder import HierarchicalViT, VisualTower
 from .registry import get_config
-from .text import ReportTokenizer, TextTower
+from .text import ReportTokenizer, TextTower, sentence_boundary_ids
 
 
 def build_trunk(vision: dict) -> HierarchicalViT:
@@ -50,6 +50,9 @@ class HLIPModel(nn.Module):
             if tokenizer is not None:
                 text_cfg["vocab_size"] = len(tokenizer)
                 self.config["text"]["vocab_size"] = len(tokenizer)
+                if text_cfg.get("pooling") == "sentence" and not text_cfg.get("sentence_boundary_ids"):
+                    text_cfg["sentence_boundary_ids"] = sentence_boundary_ids(tokenizer)
+                    self.config["text"]["sentence_boundary_ids"] = text_cfg["sentence_boundary_ids"]
             text_tower = TextTower.from_config(text_cfg, embed_dim)
         self.text = text_tower
         self.tokenizer = tokenizer
@@ -69,7 +72,8 @@ class HLIPModel(nn.Module):
             self.text.transformer.gradient_checkpointing_disable()
 
     def encode_study(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
-        """Studies [B, N, 1, D, H, W] float (scan_mask [B, N] bool, True = real scan) -> [B, embed_dim]."""
+        """Studies [B, N, 1, D, H, W], float in [0, 1] or uint8 in [0, 255] (scan_mask [B, N] bool,
+        True = real scan) -> [B, embed_dim]."""
         z = self.visual(x, scan_mask)
         return F.normalize(z, dim=-1) if normalize else z
 
@@ -111,7 +115,13 @@ def create_model(config_name: str, tokenizer: ReportTokenizer | None = None, tex
     config = get_config(config_name, **overrides)
     text_tower = None
     if text_folder is not None:
-        text_tower = TextTower.from_hf_folder(text_folder, int(config["embed_dim"]))
+        pooling = config["text"].get("pooling", "cls")
+        if tokenizer is None:
+            tokenizer = ReportTokenizer.load(text_folder, int(config["text"].get("context_length", 256)))
+        boundaries = sentence_boundary_ids(tokenizer) if pooling == "sentence" else []
+        text_tower = TextTower.from_hf_folder(text_folder, int(config["embed_dim"]), pooling=pooling, boundary_ids=boundaries)
+        if boundaries:
+            config["text"]["sentence_boundary_ids"] = boundaries
         config["text"].update(
             hidden=text_tower.transformer.config.hidden_size,
             layers=text_tower.transformer.config.num_hidden_layers,
@@ -121,8 +131,6 @@ def create_model(config_name: str, tokenizer: ReportTokenizer | None = None, tex
             max_positions=text_tower.transformer.config.max_position_embeddings,
             hf_config=text_tower.transformer.config.to_dict(),
         )
-        if tokenizer is None:
-            tokenizer = ReportTokenizer.load(text_folder, int(config["text"].get("context_length", 256)))
     return HLIPModel(config, tokenizer=tokenizer, text_tower=text_tower)
 
 

@@ -1,4 +1,5 @@
-"""The text tower: a BERT encoder, [CLS] pooled, projected linearly to the joint embedding.
+"""The text tower: a BERT encoder, pooled ([CLS] token, or the mean of the tokens), projected
+linearly to the joint embedding.
 
 Two ways to get one:
 
@@ -45,16 +46,45 @@ def _bert_config(text_cfg: dict):
     )
 
 
-class TextTower(nn.Module):
-    """BERT + [CLS] pooling + linear projection.
+POOLINGS = ("cls", "mean", "sentence")
+SENTENCE_ENDS = (".", "!", "?", ":")  # tokens that close a sentence for ``sentence`` pooling
 
-    forward(input_ids [B, L] long, attention_mask [B, L] or None) -> [B, embed_dim].
+
+def sentence_boundary_ids(tokenizer: "ReportTokenizer") -> list[int]:
+    """Ids of the tokens that end a sentence (SENTENCE_ENDS) in ``tokenizer``'s vocabulary."""
+    vocab = tokenizer.hf.get_vocab()
+    return sorted(vocab[t] for t in SENTENCE_ENDS if t in vocab)
+
+
+class TextTower(nn.Module):
+    """BERT + pooling + linear projection.
+
+    pooling:
+    - ``cls``: the [CLS] token's last state, as HLIP and open_clip's BERT towers;
+    - ``mean``: the mean of the text's token states;
+    - ``sentence``: every sentence is encoded on its own (attention within the sentence, positions
+      counted from its start) and the text is the mean of its sentences' token means. A report is
+      then the average of its statements, and a one-sentence prompt ("no midline shift") is
+      encoded exactly as the same sentence inside a report, whatever else the report says.
+    ``mean`` and ``sentence`` are informative from the first step even for a randomly initialised
+    or masked-language-model pre-trained tower, whose [CLS] state is nearly the same for every
+    report until contrastive training shapes it.
+    boundary_ids: token ids that end a sentence (``sentence`` pooling; see sentence_boundary_ids).
+    forward(input_ids [B, L] long, attention_mask [B, L] or None) -> [B, embed_dim]; texts are
+    [CLS] ... [SEP] followed by padding, as ReportTokenizer makes them.
     """
 
-    def __init__(self, transformer: nn.Module, embed_dim: int, pad_token_id: int = 0):
+    def __init__(self, transformer: nn.Module, embed_dim: int, pad_token_id: int = 0, pooling: str = "cls",
+                 boundary_ids: list[int] | tuple[int, ...] = ()):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"text pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling == "sentence" and not boundary_ids:
+            raise ValueError("sentence pooling needs the token ids that end a sentence (sentence_boundary_ids)")
         self.transformer = transformer
         self.pad_token_id = pad_token_id
+        self.pooling = pooling
+        self.register_buffer("boundary_ids", torch.tensor(sorted(boundary_ids), dtype=torch.long), persistent=False)
         self.proj = nn.Linear(transformer.config.hidden_size, embed_dim, bias=False)
 
     @classmethod
@@ -62,10 +92,12 @@ class TextTower(nn.Module):
         from transformers import BertModel
 
         config = _bert_config(text_cfg)
-        return cls(BertModel(config, add_pooling_layer=False), embed_dim, config.pad_token_id)
+        return cls(BertModel(config, add_pooling_layer=False), embed_dim, config.pad_token_id, text_cfg.get("pooling", "cls"),
+                   text_cfg.get("sentence_boundary_ids", ()))
 
     @classmethod
-    def from_hf_folder(cls, folder: str | os.PathLike, embed_dim: int, load_weights: bool = True) -> "TextTower":
+    def from_hf_folder(cls, folder: str | os.PathLike, embed_dim: int, load_weights: bool = True, pooling: str = "cls",
+                       boundary_ids: list[int] | tuple[int, ...] = ()) -> "TextTower":
         """A tower from a local Hugging Face model folder (config.json plus weights)."""
         from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
@@ -83,15 +115,60 @@ class TextTower(nn.Module):
             model = model_cls.from_pretrained(folder, config=config, local_files_only=True, add_pooling_layer=False)
         else:
             model = model_cls.from_config(config, add_pooling_layer=False) if model_cls is AutoModel else BertModel(config, add_pooling_layer=False)
-        return cls(model, embed_dim, config.pad_token_id or 0)
+        return cls(model, embed_dim, config.pad_token_id or 0, pooling, boundary_ids)
+
+    def sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence index of every token [B, L] (0, 1, ... in reading order); -1 for [CLS], [SEP]
+        and padding. A sentence ends with its boundary token; text after the last one is a sentence."""
+        lengths = attention_mask.sum(dim=1, keepdim=True)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        content = attention_mask.bool() & (positions > 0) & (positions < lengths - 1)
+        ends = torch.isin(input_ids, self.boundary_ids) & content
+        index = torch.cumsum(ends.long(), dim=1) - ends.long()
+        return torch.where(content, index, torch.full_like(index, -1))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The transformer's last states [B, L, hidden]; with ``sentence`` pooling each sentence is
+        encoded on its own (the other tokens attend to themselves only)."""
+        if self.pooling != "sentence":
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        sentence = self.sentences(input_ids, attention_mask)
+        L = input_ids.shape[1]
+        same = (sentence[:, :, None] == sentence[:, None, :]) & (sentence[:, None, :] >= 0)
+        allowed = same | torch.eye(L, dtype=torch.bool, device=input_ids.device)[None]
+        positions = torch.arange(L, device=input_ids.device)[None].expand_as(input_ids)
+        first = torch.ones_like(sentence, dtype=torch.bool)
+        first[:, 1:] = sentence[:, 1:] != sentence[:, :-1]
+        start = torch.cummax(torch.where(first, positions, torch.zeros_like(positions)), dim=1).values
+        # positions counted from each sentence's start, as if it followed its own [CLS]
+        position_ids = torch.where(sentence >= 0, positions - start + 1, torch.zeros_like(positions))
+        return self.transformer(input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, hidden] states -> [B, hidden] per the tower's pooling."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            weight = attention_mask[..., None].to(hidden.dtype)
+            return (hidden * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+        sentence = self.sentences(input_ids, attention_mask)
+        count = int(sentence.max()) + 1 if sentence.numel() else 0
+        if count < 1:
+            raise ValueError("a text has no word between [CLS] and [SEP]")
+        member = (sentence[..., None] == torch.arange(count, device=hidden.device)).to(hidden.dtype)  # [B, L, S]
+        sums = torch.einsum("bls,blh->bsh", member, hidden)
+        sizes = member.sum(dim=1)  # [B, S]
+        present = (sizes > 0).to(hidden.dtype)
+        means = sums / sizes.clamp(min=1.0)[..., None]
+        return (means * present[..., None]).sum(dim=1) / present.sum(dim=1, keepdim=True).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.ndim != 2:
             raise ValueError(f"expected token ids as [B, L], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.proj(hidden[:, 0])
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.proj(self.pool(hidden, input_ids, attention_mask))
 
 
 class ReportTokenizer:

@@ -32,6 +32,14 @@ class TrainConfig:
     text_model: str | None = _opt(None, "local Hugging Face folder of a pretrained text model (BiomedBERT...) with its tokenizer; "
                                         "when not given a small BERT and a WordPiece vocabulary trained on the reports are used")
     vocab_size: int = _opt(4000, "size of the WordPiece vocabulary trained on the reports (without --text-model)")
+    text_pooling: str | None = _opt(None, "pooling of the text tower: 'cls' (the [CLS] token), 'mean' (mean of the tokens) or "
+                                          "'sentence' (each sentence encoded alone, the report the mean of its sentences); "
+                                          "the configuration's when not given", choices=(None, "cls", "mean", "sentence"))
+    text_pretrain_steps: int = _opt(0, "masked-language-model steps of the text tower on the training reports before the "
+                                       "language-image training (a new run only; 0 = none): a small BERT from scratch learns far "
+                                       "faster with them")
+    text_pretrain_lr: float = _opt(1e-3, "peak learning rate of the text pre-training (--text-pretrain-steps)")
+    text_pretrain_batch: int = _opt(64, "reports per step of the text pre-training (--text-pretrain-steps)")
     patch_dropout: float | None = _opt(None, "fraction of patch tokens dropped in training; the configuration's when not given")
     drop_path: float | None = _opt(None, "stochastic depth rate of the image encoder; the configuration's when not given")
     lock_text: bool = _opt(False, "freeze the text transformer (its projection stays trainable)")
@@ -88,11 +96,16 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "workers", "lock_text_unlocked_layers", "weight_decay", "grad_clip", "min_lr"):
+        for name in ("warmup_steps", "workers", "lock_text_unlocked_layers", "weight_decay", "grad_clip", "min_lr",
+                     "text_pretrain_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.text_pretrain_steps and not (self.text_pretrain_lr > 0 and self.text_pretrain_batch >= 1):
+            raise ValueError("--text-pretrain-lr must be positive and --text-pretrain-batch at least 1")
+        if self.text_pooling not in (None, "cls", "mean", "sentence"):
+            raise ValueError(f"--text-pooling must be cls, mean or sentence, got {self.text_pooling!r}")
         for name in ("patch_dropout", "drop_path"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < 1:

@@ -36,6 +36,7 @@ from .distributed import (DistEnv, all_gather_json, barrier, derive_seed, destro
 from .evaluate import format_auc_table, load_held_out, zero_shot_auc
 from .optim import CosineSchedule, build_optimizer, clamp_logit_scale, lock_text_tower
 from .step import MicroBatch, accumulate_gradients
+from .text_pretrain import pretrain_text_tower
 from .vocab import report_vocabulary, tokenizer_from_vocabulary
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class TrainResult:
     evaluation: dict | None = None  # the last zero-shot result (see evaluate.zero_shot_auc)
     history: list[dict] = field(default_factory=list)  # every evaluation, with its step
     throughput: dict = field(default_factory=dict)  # median step time, studies/s, peak memory per process
+    text_pretraining: dict | None = None  # the text tower's masked-language-model pre-training, when it ran
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -112,6 +114,7 @@ class Trainer:
         self.held = load_held_out(config.eval_data, config.eval_prompts) if config.eval_data else None
         self.history: list[dict] = []
         self.step_peak_mb: float | None = None
+        self.text_pretraining: dict | None = None
 
     # -- setting up ---------------------------------------------------------------------------
 
@@ -139,6 +142,26 @@ class Trainer:
         log.info("report vocabulary: %d tokens from %d reports", len(vocab), len(corpus))
         return tokenizer_from_vocabulary(vocab, context)
 
+    def _pretrain_text(self, model: HLIPModel) -> dict:
+        """Masked-language-model steps of the text tower on the training reports (text_pretrain.py)."""
+        prefix = self.cfg.report_prefix
+        log.info("pre-training the text tower on %d training reports: %d masked-language-model steps",
+                 len(self.records), self.cfg.text_pretrain_steps)
+        def prefixes(records):
+            return [prefix.replace("{modality}", study_modality(r)) for r in records]
+
+        held = self.held.records if self.held is not None else []
+        stats = pretrain_text_tower(
+            model, [report_sentences(r) for r in self.records], prefixes(self.records),
+            steps=self.cfg.text_pretrain_steps, batch_size=self.cfg.text_pretrain_batch, lr=self.cfg.text_pretrain_lr,
+            seed=self.cfg.seed, device=self.device, log_every=max(1, self.cfg.text_pretrain_steps // 4),
+            held_out=[report_sentences(r) for r in held] or None, held_out_prefixes=prefixes(held))
+        line = f"text pre-training: masked-token loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f} in {stats['seconds']:.0f} s"
+        if "held_out_after" in stats:
+            line += f"; on the held-out reports {stats['held_out_before']:.3f} -> {stats['held_out_after']:.3f}"
+        log.info("%s", line)
+        return stats
+
     def model_overrides(self) -> dict:
         overrides = copy.deepcopy(self.cfg.model_overrides)
         vision = overrides.setdefault("vision", {})
@@ -149,6 +172,8 @@ class Trainer:
             vision["drop_path"] = self.cfg.drop_path
         if self.cfg.loss is not None:
             overrides["loss"] = self.cfg.loss
+        if self.cfg.text_pooling is not None:
+            overrides.setdefault("text", {})["pooling"] = self.cfg.text_pooling
         return overrides
 
     def model_config_preview(self) -> dict:
@@ -184,6 +209,9 @@ class Trainer:
             log.info("resuming from %s (step %d)", resume, doc["step"])
         else:
             model = self._new_model().to(device)
+            if cfg.text_pretrain_steps and env.is_main:
+                # the other processes receive these weights when DistributedDataParallel is built
+                self.text_pretraining = self._pretrain_text(model)
         model.train()
         self._check_scan_counts(model)
         if cfg.lock_text:
@@ -302,7 +330,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         result = TrainResult(final, last_checkpoint or ckpt.latest_checkpoint(self.checkpoints), cfg.steps, seconds,
                              loss_value, self.history[-1] if self.history else None, list(self.history),
-                             self._throughput(step_times, sampler.global_batch))
+                             self._throughput(step_times, sampler.global_batch), self.text_pretraining)
         if env.is_main:
             _atomic_write(self.out / "summary.json", json.dumps(asdict(result), indent=2, default=str).encode("utf-8"))
             self._summary(result)

@@ -1,0 +1,136 @@
+"""The text tower's poolings and its masked-language-model pre-training on the reports."""
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hlip_core
+from hlip_core.model.text import TextTower
+from hlip_core.training.text_pretrain import SentenceTokens, mask_tokens, pretrain_text_tower
+from hlip_core.training.vocab import report_vocabulary, tokenizer_from_vocabulary
+
+FINDINGS = {"mass": ["a mass in the {side} lobe", "a {side} lobe tumour with oedema"],
+            "bleed": ["a haemorrhage in the {side} lobe", "blood in the {side} lobe"],
+            "shift": ["midline shift to the {side}", "the septum is displaced to the {side}"]}
+NEGATIONS = {"mass": ["no mass", "there is no tumour"], "bleed": ["no haemorrhage", "no blood products"],
+             "shift": ["no midline shift", "the midline is central"]}
+FILLER = ["the orbits are normal.", "the sinuses are clear.", "the cerebellum is normal."]
+
+
+def reports(count: int, seed: int) -> list[list[str]]:
+    """Reports as sentence lists: each finding said or denied in varied wording, plus filler."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        sentences = []
+        for finding in FINDINGS:
+            if rng.random() < 0.5:
+                sentences.append(str(rng.choice(FINDINGS[finding])).format(side=rng.choice(["left", "right"])) + ".")
+            else:
+                sentences.append(str(rng.choice(NEGATIONS[finding])) + ".")
+        sentences.append(str(rng.choice(FILLER)))
+        out.append([sentences[i] for i in rng.permutation(len(sentences))])
+    return out
+
+
+def model_with(pooling: str, seed: int = 0, corpus=None) -> hlip_core.HLIPModel:
+    corpus = corpus or [" ".join(r) for r in reports(40, 99)] + ["this mri study shows: x."]
+    tok = tokenizer_from_vocabulary(report_vocabulary(corpus, vocab_size=200, min_frequency=1), 96)
+    torch.manual_seed(seed)
+    return hlip_core.create_model("tiny_multiscan_h2", tokenizer=tok, text={"pooling": pooling}).eval()
+
+
+def test_sentence_pooling_encodes_a_report_as_the_mean_of_its_sentences():
+    model = model_with("sentence")
+    assert model.config["text"]["sentence_boundary_ids"]  # the '.' (and ':') of this vocabulary
+    one, two = "a mass in the left lobe.", "no midline shift."
+    with torch.no_grad():
+        report = model.encode_text([f"{one} {two}"], normalize=False)
+        swapped = model.encode_text([f"{two} {one}"], normalize=False)
+        alone = model.encode_text([one, two], normalize=False)
+        padded = model.encode_text([one, f"{one} {two} the orbits are normal."], normalize=False)
+    torch.testing.assert_close(report[0], alone.mean(dim=0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(report, swapped, atol=1e-5, rtol=1e-5)  # order does not matter
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)  # padding in a batch does not either
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_other_poolings_do_not_depend_on_the_padding_of_the_batch(pooling):
+    model = model_with(pooling)
+    with torch.no_grad():
+        alone = model.encode_text(["no mass."], normalize=False)
+        batched = model.encode_text(["no mass.", "a mass in the left lobe. no midline shift. the sinuses are clear."], normalize=False)
+        other = model.encode_text(["no midline shift."], normalize=False)
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone, other, atol=1e-3)
+
+
+def test_an_unknown_pooling_is_refused_by_name():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        model_with("max")
+    with pytest.raises(ValueError, match="sentence pooling needs"):
+        TextTower.from_config({"vocab_size": 50, "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "pooling": "sentence"}, 16)
+
+
+def test_pooling_and_sentence_ends_travel_with_a_saved_model(tmp_path):
+    model = model_with("sentence")
+    hlip_core.save(model, tmp_path / "m")
+    loaded = hlip_core.load(tmp_path / "m")
+    assert loaded.text.pooling == "sentence"
+    text = ["no mass. blood in the right lobe."]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(text), model.encode_text(text))
+
+
+def test_sentence_tokens_assemble_the_same_ids_as_the_tokenizer():
+    model = model_with("mean")
+    data = SentenceTokens(model.tokenizer, [["no mass.", "blood in the left lobe."]], ["this mri study shows: "])
+    ids, mask = data.batch([0], np.random.default_rng(0))
+    text = model.tokenizer.hf.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
+    expected, _ = model.tokenizer([f"this mri study shows: {text[len('this mri study shows: '):]}"])
+    assert torch.equal(ids, expected)
+
+
+def test_masking_follows_bert_and_never_masks_special_tokens():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (256, 200), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, -1] = 2, 3
+    attention = torch.ones_like(ids)
+    inputs, targets = mask_tokens(ids, attention, [0, 1, 2, 3, 4], mask_id=4, vocab=100, generator=g)
+    chosen = targets != -100
+    assert 0.14 < chosen[:, 1:-1].float().mean() < 0.16
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()
+    assert torch.equal(targets[chosen], ids[chosen])
+    masked = (inputs == 4) & chosen
+    assert 0.77 < masked.sum() / chosen.sum() < 0.83  # 80% [MASK]
+    swapped = (inputs != ids) & chosen & (inputs != 4)
+    assert 0.08 < swapped.sum() / chosen.sum() < 0.12  # 10% a random token, the rest unchanged
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sentence"])
+def test_pretraining_lowers_the_masked_token_loss_on_held_out_reports(pooling):
+    train, held = reports(60, seed=1), reports(20, seed=2)
+    model = model_with(pooling, corpus=[" ".join(r) for r in train + held])
+    names = list(model.state_dict())
+    # the bar: guessing each masked word from the training reports' word frequencies alone
+    counts = collections.Counter(t for r in train for s in r for t in model.tokenizer.hf(s, add_special_tokens=False)["input_ids"])
+    words = [t for r in held for s in r for t in model.tokenizer.hf(s, add_special_tokens=False)["input_ids"]]
+    frequencies_only = -float(np.mean([math.log(counts.get(t, 0.5) / sum(counts.values())) for t in words]))
+    stats = pretrain_text_tower(model, train, steps=250, batch_size=16, lr=2e-3, seed=0, log_every=0, held_out=held)
+    assert stats["held_out_after"] < min(0.7 * stats["held_out_before"], frequencies_only), (stats, frequencies_only)
+    assert list(model.state_dict()) == names  # the head is gone: the checkpoint format is unchanged
+
+
+def test_pretraining_is_deterministic_for_a_seed():
+    train = reports(30, seed=3)
+    weights = []
+    for _ in range(2):
+        model = model_with("mean", corpus=[" ".join(r) for r in train])
+        pretrain_text_tower(model, train, steps=5, batch_size=8, seed=7, log_every=0)
+        weights.append(model.text.transformer.embeddings.word_embeddings.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
