@@ -25,8 +25,9 @@ except ImportError:  # Slicer before 5.4
         return text
 
 from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, HLIPError,
-                           LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, load_regions,
-                           normalize_url, parse_findings_text, plan_question, read_header, region_named, table_rows)
+                           LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, findings_preview, is_flagged,
+                           load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question, read_header,
+                           region_named, table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
 from SlicerHLIPLib.findings import findings_text
 from SlicerHLIPLib.nifti import NiftiError, read_voxels, write_nifti
 
@@ -37,6 +38,12 @@ SERVER_IMAGE_ATTRIBUTE = "HLIP.serverImage"
 SERVER_STUDY_IMAGES_ATTRIBUTE = "HLIP.serverStudyImages"
 WARM_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeWarm1")
 POLL_MS = 100
+SORT_ROLE = qt.Qt.UserRole + 101  # the findings table view sorts on this role: numbers for numeric columns
+FLAGGED_ROW_COLOR = (255, 140, 0, 110)  # RGBA: a translucent orange over the view's own background, light or dark
+# Messages the worker threads report (plain English, never translated there): the panel shows their
+# translation, made on the GUI thread; any other message (from SlicerHLIPLib) is shown as it comes.
+READING_VOLUMES = "Reading the volumes"
+WRITING_VOLUMES = "Writing the volumes"
 
 
 #
@@ -56,7 +63,7 @@ class SlicerHLIP(ScriptedLoadableModule):
             "a probability, the scan that drives it, and a heat map over that scan. Search the server's studies by text. "
             "Needs an HLIP server (MONAI Label with the HLIP app), started with one command. "
             "The probabilities come from a zero-shot language-image model: they rank and point, they are not diagnoses. "
-            f'See the <a href="{HOMEPAGE}">extension\'s documentation</a>.')
+            'See the <a href="{homepage}">extension\'s documentation</a>.').format(homepage=HOMEPAGE)
         self.parent.acknowledgementText = _(
             "The model follows 'Towards Scalable Language-Image Pre-training for 3D Medical Imaging' (HLIP; Zhao et al., 2025). "
             "The server is built on MONAI Label (Project MONAI). The module layout follows 3D Slicer's scripted module template "
@@ -124,6 +131,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.searchResultsTableWidget.setHorizontalHeaderLabels([_("Study"), _("Score"), _("Scans")])
         self.ui.searchResultsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.progressBar.setRange(0, 1000)
+        self.ui.findingsTableView.sortFilterProxyModel().setSortRole(SORT_ROLE)  # keys set by _decorateFindingsTable
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.loginButton.connect("clicked(bool)", self.onLogin)
@@ -185,7 +193,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setRange(0, 1000)
             self.ui.progressBar.value = int(1000 * fraction)
         if message:
-            self.ui.statusLabel.text = message
+            self.ui.statusLabel.text = self._progressText(message)
         if not task.done:
             return
         self._timer.stop()
@@ -203,6 +211,19 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             onDone(value)
         except BaseException as e:
             self._showError(e)
+
+    @staticmethod
+    def _progressText(message):
+        """A worker's progress message in the user's language (worker threads never call the translator)."""
+        known = {
+            READING_VOLUMES: _("Reading the volumes"),
+            WRITING_VOLUMES: _("Writing the volumes"),
+            "Uploading": _("Uploading"),
+            "The server is reading the study and computing the findings": _("The server is reading the study and computing the findings"),
+            "Findings received": _("Findings received"),
+            "Receiving the findings and heat maps": _("Receiving the findings and heat maps"),
+        }
+        return known.get(message, message)
 
     def _setBusy(self, busy):
         self.ui.cancelButton.enabled = busy
@@ -247,20 +268,53 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run(task, self._onConnected, _("Connecting to the server..."))
 
     def _onConnected(self, info):
+        self.logic.settings.server_url = info.url  # remembered once the server has answered
         self.ui.loginFrame.hide()
         self.ui.passwordLineEdit.clear()
         if self.ui.serverUrlComboBox.findText(info.url) < 0:
             self.ui.serverUrlComboBox.insertItem(0, info.url)
         studies = info.datastore.get("studies", info.datastore.get("total", "?"))
-        self.ui.serverStatusLabel.text = _(f"Connected to {info.name} {info.version}: model '{info.model}', "
-                                           f"{len(info.default_findings)} default findings, {studies} studies in its datastore.")
+        text = _("Connected to {server} {version}: model '{model}', {studies} studies in its datastore.").format(
+            server=info.name, version=info.version, model=info.model, studies=studies)
+        others = [f"{name} ({kind})" for name, kind in info.models.items() if name != info.model]
+        if others:
+            text += " " + _("Other models on this server (not used here): {models}.").format(models=", ".join(others))
+        serverDefaults = _("Server defaults")
+        if info.default_findings:
+            shown, hidden = findings_preview(info.default_findings)
+            text += " " + _("Its {count} default findings: {findings}").format(count=len(info.default_findings), findings="; ".join(shown))
+            if hidden:
+                text += " " + _("(and {count} more)").format(count=hidden)
+            text += ". " + _("To ask them, choose '{entry}' under 'Start from' and press 'Use its findings'.").format(entry=serverDefaults)
+        else:
+            text += " " + _("It names no default findings.")
+        self.ui.serverStatusLabel.text = text
+        self.ui.serverStatusLabel.toolTip = findings_text(info.default_findings)  # the whole list
+        self._offerServerDefaults(serverDefaults, info.default_findings)
         self.ui.statusLabel.text = ""
         self.ui.heatmapsCheckBox.enabled = info.heatmaps  # a server may have heat maps switched off
         if not info.heatmaps:
             self.ui.heatmapsCheckBox.checked = False
-        if not self.ui.findingsTextEdit.toPlainText().strip() and info.default_findings:
+        if not self.ui.findingsTextEdit.toPlainText().strip() and info.default_findings:  # never replaces typed findings
             self.ui.findingsTextEdit.setPlainText(findings_text(info.default_findings))
         self.onListServerStudies()
+
+    def _offerServerDefaults(self, name, findings):
+        """The server's default findings as one more entry of the default lists ('Start from'), beside
+        the body regions; a previous server's entry is replaced, or removed when this one names none.
+        The findings text is not touched: the user picks the entry and presses 'Use its findings'."""
+        previous = [r.name for r in self.logic.regions if r.from_server]
+        self.logic.regions = with_server_defaults(self.logic.regions, findings, name)
+        combo = self.ui.regionComboBox
+        for old in previous:
+            if old != name or not findings:
+                index = combo.findText(old)
+                if index >= 0:
+                    combo.removeItem(index)
+        if findings and combo.findText(name) < 0:
+            combo.addItem(name)
+            if self.logic.settings.region == name:  # the list chosen last time
+                combo.setCurrentText(name)
 
     def onLogin(self):
         try:
@@ -282,7 +336,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverStudyComboBox.clear()
         for study in studies:
             self.ui.serverStudyComboBox.addItem(f"{study.study_id} ({len(study.scans)} scans)", study.study_id)
-        self.ui.statusLabel.text = _(f"{len(studies)} studies on the server.")
+        self.ui.statusLabel.text = _("{count} studies on the server.").format(count=len(studies))
 
     def onLoadServerStudy(self):
         self._loadServerStudy(self.ui.serverStudyComboBox.currentData)
@@ -296,12 +350,14 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as e:
             self._showError(e)
             return
-        self._run(task, lambda loaded: self._onStudyDownloaded(studyId, loaded), _(f"Downloading study {studyId}..."))
+        self._run(task, lambda loaded: self._onStudyDownloaded(studyId, loaded), _("Downloading study {study}...").format(study=studyId))
 
     def _onStudyDownloaded(self, studyId, loaded):
         nodes = self.logic.loadDownloadedStudy(studyId, loaded)
         self.refreshVolumes()
-        self.ui.statusLabel.text = _(f"Loaded {len(nodes)} volumes of study {studyId}.")
+        self._checkOnly([node.GetID() for node in nodes])  # the loaded study alone: it is asked by its id
+        self.ui.statusLabel.text = _("Loaded {count} volumes of study {study}; they are the checked volumes.").format(
+            count=len(nodes), study=studyId)
 
     # -- volumes -------------------------------------------------------------------------------------
 
@@ -331,6 +387,13 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setData(qt.Qt.UserRole, volume.key)
             self.ui.volumesListWidget.addItem(item)
             self._listedVolumeIDs.add(volume.key)
+
+    def _checkOnly(self, nodeIDs):
+        """Check exactly these volumes in the list (and uncheck the others)."""
+        wanted = set(nodeIDs)
+        for row in range(self.ui.volumesListWidget.count):
+            item = self.ui.volumesListWidget.item(row)
+            item.setCheckState(qt.Qt.Checked if item.data(qt.Qt.UserRole) in wanted else qt.Qt.Unchecked)
 
     def _checkedVolumeIDs(self):
         out = []
@@ -365,24 +428,80 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onAnswer(self, answer):
         table = self.logic.showAnswer(answer, self.ui.probabilityThresholdSliderWidget.value)
         self.ui.findingsTableView.setMRMLTableNode(table)
+        self._decorateFindingsTable()
         self.ui.resultsCollapsibleButton.collapsed = False
         result = answer.result
         flagged = [r.finding for r in result.rows if r.probability >= self.ui.probabilityThresholdSliderWidget.value]
-        text = _(f"{len(result.rows)} findings in {result.seconds:.1f} s; {len(flagged)} at or above the flag threshold.")
+        text = _("{count} findings in {seconds:.1f} s; {flagged} at or above the flag threshold (highlighted).").format(
+            count=len(result.rows), seconds=result.seconds, flagged=len(flagged))
         if result.skipped:
-            text += " " + _(f"The server skipped {len(result.skipped)} series: ") + "; ".join(result.skipped[:3])
+            text += " " + _("The server skipped {count} series:").format(count=len(result.skipped)) + " " + "; ".join(result.skipped[:3])
         self.ui.statusLabel.text = text
         if result.rows:
-            self.ui.findingsTableView.selectRow(0)
+            self._selectFindingRow(0)  # the first finding asked, wherever the sorting shows it
 
     # -- results ---------------------------------------------------------------------------------------
+
+    def _titlesInHeader(self):
+        tableNode = self.ui.findingsTableView.mrmlTableNode()
+        return tableNode is not None and self.logic.columnTitlesInHeader(tableNode)
+
+    def _tableRowOf(self, viewIndex):
+        """The findings table node's row (= the finding's index) shown at ``viewIndex`` of the view,
+        or None: through the view's sort proxy to the table model, then to the table node."""
+        view = self.ui.findingsTableView
+        tableNode = view.mrmlTableNode()
+        if tableNode is None or not viewIndex.isValid():
+            return None
+        modelIndex = view.sortFilterProxyModel().mapToSource(viewIndex)
+        try:
+            row = view.tableModel().mrmlTableRowIndex(modelIndex)
+        except AttributeError:  # not wrapped for Python: the same rule, from the node's header setting
+            return table_row_of_model_row(modelIndex.row(), self._titlesInHeader(), tableNode.GetNumberOfRows())
+        return row if 0 <= row < tableNode.GetNumberOfRows() else None
+
+    def _selectFindingRow(self, tableRow):
+        """Select the view's row that shows row ``tableRow`` of the findings table node."""
+        view = self.ui.findingsTableView
+        modelIndex = view.tableModel().index(model_row_of_table_row(tableRow, self._titlesInHeader()), 0)
+        viewIndex = view.sortFilterProxyModel().mapFromSource(modelIndex)
+        if viewIndex.isValid():
+            view.selectRow(viewIndex.row())
 
     def _selectedFindingRow(self):
         view = self.ui.findingsTableView
         selected = view.selectionModel().selectedRows() if view.selectionModel() else []
         if not selected:
             return None
-        return view.sortFilterProxyModel().mapToSource(selected[0]).row()  # the table may be sorted
+        return self._tableRowOf(selected[0])  # the table may be sorted
+
+    def _decorateFindingsTable(self):
+        """Sort keys (numbers for the numeric columns) and a highlight (translucent orange, bold) for
+        the findings at or above the flag threshold, on the table view's items. Slicer's table model
+        shows every cell as text and has no per-row style, and it keeps these item roles when it
+        updates its cells, so they are set again after each fill of the table node."""
+        view = self.ui.findingsTableView
+        model = view.tableModel()
+        if model is None or view.mrmlTableNode() is None:
+            return
+        titlesInHeader = self._titlesInHeader()
+        highlight = qt.QBrush(qt.QColor(*FLAGGED_ROW_COLOR))
+        bold = qt.QFont()
+        bold.setBold(True)
+        wasBlocked = model.blockSignals(True)  # no itemChanged: the model would write the cells back to the node
+        try:
+            for tableRow, row in enumerate(self.logic.tableRows):
+                flagged = is_flagged(row)
+                for column, key in enumerate(table_sort_keys(row)):
+                    item = model.item(model_row_of_table_row(tableRow, titlesInHeader), column)
+                    if item is None:
+                        continue
+                    item.setData(key, SORT_ROLE)
+                    item.setData(highlight if flagged else qt.QBrush(), qt.Qt.BackgroundRole)
+                    item.setData(bold if flagged else qt.QFont(), qt.Qt.FontRole)
+        finally:
+            model.blockSignals(wasBlocked)
+        view.sortFilterProxyModel().invalidate()  # re-sort on the new keys and repaint (the selection is kept)
 
     def onFindingSelected(self):
         self.onHeatmapDisplayChanged()
@@ -406,6 +525,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProbabilityThresholdChanged(self, value):
         self.logic.settings.probability_threshold = value
         self.logic.updateFlags(value)
+        self._decorateFindingsTable()
 
     # -- search -----------------------------------------------------------------------------------------
 
@@ -424,8 +544,10 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 0, qt.QTableWidgetItem(hit.study_id))
             table.setItem(row, 1, qt.QTableWidgetItem(f"{hit.score:.3f}"))
             table.setItem(row, 2, qt.QTableWidgetItem(", ".join(sc.description or sc.image_id for sc in hit.scans)))
-        note = _(f" ({result.pending} studies not indexed yet)") if result.pending else ""
-        self.ui.statusLabel.text = _(f"{len(result.hits)} studies match '{result.query}'") + note + "."
+        text = _("{count} studies match '{query}'.").format(count=len(result.hits), query=result.query)
+        if result.pending:
+            text += " " + _("{count} studies are not indexed yet.").format(count=result.pending)
+        self.ui.statusLabel.text = text
 
     def onLoadSearchResult(self):
         rows = self.ui.searchResultsTableWidget.selectionModel().selectedRows()
@@ -452,6 +574,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.serverInfo = None
         self.answer = None
         self.tableNode = None
+        self.tableRows = []  # the rows (SlicerHLIPLib table_rows) last put in the table node, in its order
         self.heatmapNodeIDs = {}  # finding row -> heat-map volume node id
         self._workDir = None
 
@@ -468,15 +591,15 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
     # -- server ------------------------------------------------------------------------------------
 
     def connectTask(self, url):
-        """A BackgroundTask that connects (its value: ServerInfo). The URL is remembered."""
+        """A BackgroundTask that connects (its value: ServerInfo). The caller remembers the URL
+        (settings.server_url) once the connection has succeeded."""
         url = normalize_url(url)
         token = self.client.token if self.client is not None and self.client.url == url else None
         client = HLIPClient(url, token=token)
         self.client, self.serverInfo = client, None
-        self.settings.server_url = client.url
 
-        def work(progress, cancel):
-            progress(None, _("Connecting to ") + client.url)
+        def work(progress, cancel):  # worker thread: no translation, no Qt
+            progress(None)
             self.serverInfo = client.connect(cancel)
             return self.serverInfo
 
@@ -488,8 +611,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         if not username or not password:
             raise ValueError(_("Type the user name and the password."))
 
-        def work(progress, cancel):
-            progress(None, _("Logging in"))
+        def work(progress, cancel):  # worker thread: no translation, no Qt
+            progress(None)
             client.login(username, password, cancel)
             self.serverInfo = client.connect(cancel)
             return self.serverInfo
@@ -526,7 +649,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
             loaded = []
             for i, scan in enumerate(scans):
                 cancel.check()
-                progress(0.9 + 0.1 * i / max(1, len(scans)), _("Reading the volumes"))
+                progress(0.9 + 0.1 * i / max(1, len(scans)), READING_VOLUMES)  # translated by the panel
                 try:
                     header, voxels = read_voxels(scan.path)
                 except (NiftiError, OSError, ValueError):
@@ -621,9 +744,10 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         """(voxels [k, j, i] copied, IJK->RAS 4x4 as lists): what a worker thread needs to write
         the volume, taken on the main thread in the time of a memory copy."""
         if volumeNode.GetImageData() is None:
-            raise ValueError(_(f"Volume '{volumeNode.GetName()}' holds no image."))
+            raise ValueError(_("Volume '{name}' holds no image.").format(name=volumeNode.GetName()))
         if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-            raise ValueError(_(f"Volume '{volumeNode.GetName()}' has several components per voxel; choose a scalar volume."))
+            raise ValueError(_("Volume '{name}' has several components per voxel; choose a scalar volume.").format(
+                name=volumeNode.GetName()))
         matrix = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrix)  # local coordinates: a parent transform stays with the node
         return slicer.util.arrayFromVolume(volumeNode).copy(), [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
@@ -638,8 +762,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         chosen = [byKey[k] for k in nodeIDs if k in byKey]
         if not chosen:
             raise ValueError(_("Check the volumes of the study to ask about (or load a study from the server)."))
-        if regionName:
-            modality = region_named(regionName, self.regions).modality
+        modality = region_named(regionName, self.regions).modality if regionName else ""
+        if modality:  # the server's default list says none: the server's own default applies
             for volume in chosen:
                 volume.modality = volume.modality or modality
         question = plan_question(chosen)
@@ -647,11 +771,11 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         snapshots = {v.key: self.volumeSnapshot(slicer.mrmlScene.GetNodeByID(v.key)) for v in question.uploads}
         outDir = os.path.join(folder, "heatmaps")
 
-        def work(progress, cancel):
+        def work(progress, cancel):  # worker thread: no translation, no Qt
             files = {}
             for i, volume in enumerate(question.uploads):  # the files are written here, off the GUI thread
                 cancel.check()
-                progress(None, _(f"Writing volume {i + 1} of {len(question.uploads)}"))
+                progress(None, WRITING_VOLUMES)  # translated by the panel
                 voxels, ijkToRas = snapshots.pop(volume.key)
                 files[volume.key] = write_nifti(os.path.join(folder, f"scan{i:02d}.nii"), voxels, ijkToRas)
             return ask(client, findings, question, files, heatmaps=heatmaps, out_dir=outDir, progress=progress, cancel=cancel)
@@ -665,6 +789,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene.RemoveNode(node)
         self.heatmapNodeIDs = {}
         self.answer = None
+        self.tableRows = []
 
     def findingsTableNode(self):
         if self.tableNode is None or slicer.mrmlScene.GetNodeByID(self.tableNode.GetID()) is None:
@@ -679,8 +804,24 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.updateFlags(probabilityThreshold)
         return table
 
+    @staticmethod
+    def columnTitlesInHeader(tableNode):
+        """Whether the table's views show the column titles as their header (rather than in an
+        extra first row). The setting was called ...ColumnName... before Slicer 5.8."""
+        if hasattr(tableNode, "GetUseColumnTitleAsColumnHeader"):
+            return bool(tableNode.GetUseColumnTitleAsColumnHeader())
+        return bool(tableNode.GetUseColumnNameAsColumnHeader())
+
+    @staticmethod
+    def setColumnTitlesInHeader(tableNode):
+        if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
+            tableNode.SetUseColumnTitleAsColumnHeader(True)
+        else:
+            tableNode.SetUseColumnNameAsColumnHeader(True)
+
     def updateFlags(self, probabilityThreshold):
-        """(Re)fill the table: one row per finding, in the question's order; flagged at or above the threshold."""
+        """(Re)fill the table: one row per finding, in the question's order (table row i is finding
+        i); flagged at or above the threshold. Probability and score are numeric (double) columns."""
         if self.answer is None:
             return
         rows = table_rows(self.answer.result, self.answer.scan_names, probabilityThreshold)
@@ -692,8 +833,12 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 column.InsertNextValue(row[name])
             table.AddColumn(column)
         tableNode = self.findingsTableNode()
+        wasModifying = tableNode.StartModify()  # one update of the views for the three changes
         tableNode.SetAndObserveTable(table)
+        self.setColumnTitlesInHeader(tableNode)  # column names in the header: view row 0 is the first finding
         tableNode.SetLocked(True)
+        tableNode.EndModify(wasModifying)
+        self.tableRows = rows
 
     def scanNodeOf(self, row):
         key = self.answer.row_keys.get(row) if self.answer else None
@@ -852,6 +997,7 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         result = FindingsResult("session", rows, {0: HeatMap("mass effect", path, read_header(path))}, [], 12.0, 0.5)
         answer = Answer(result, {0: volume.GetID(), 1: volume.GetID()}, {"scan00.nii": volume.GetName()})
         table = logic.showAnswer(answer, probabilityThreshold=0.5)
+        self.assertTrue(logic.columnTitlesInHeader(table))  # no extra row of column names in the views
         self.assertEqual(table.GetNumberOfRows(), 2)
         self.assertEqual([table.GetColumnName(i) for i in range(table.GetNumberOfColumns())], [name for name, _ in TABLE_COLUMNS])
         self.assertEqual(table.GetCellText(0, 3), volume.GetName())

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from slicer_helpers import silent_server, static_server, unused_port_url, write_study
-from SlicerHLIPLib import (BackgroundTask, Cancelled, HLIPClient, JsonFileSettings, LocalVolume, MemorySettings, NotHLIPServer,
-                           RememberedSettings, RequestTimeout, ServerUnreachable, default_selection, load_regions, normalize_url,
-                           parse_findings_text, plan_question, read_header, read_voxels, region_named, same_geometry, table_rows)
+from SlicerHLIPLib import (TABLE_COLUMNS, BackgroundTask, Cancelled, HLIPClient, JsonFileSettings, LocalVolume, MemorySettings,
+                           NotHLIPServer, RememberedSettings, RequestTimeout, ServerUnreachable, default_selection, findings_preview,
+                           is_flagged, load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question,
+                           read_header, read_voxels, region_named, same_geometry, table_row_of_model_row, table_rows, table_sort_keys,
+                           with_server_defaults)
 from SlicerHLIPLib.client import FindingRow, FindingsResult
 from SlicerHLIPLib.multipart import FieldPart, FilePart, MultipartBody, MultipartError, boundary_of, read_multipart
 from SlicerHLIPLib.nifti import NiftiError, parse_header, write_nifti
@@ -233,6 +235,57 @@ def test_table_rows_name_the_users_scan_and_flag_high_probabilities():
     assert [r["Scan"] for r in table] == ["T2 axial (node)", "FLAIR axial"]
     assert [r["Flag"] for r in table] == ["above threshold", ""]
     assert table[0]["Probability"] == 0.81
+
+
+def test_the_servers_default_findings_are_offered_beside_the_regions():
+    regions = load_regions()
+    offered = with_server_defaults(regions, ["midline shift", "mass effect"])
+    assert [r.name for r in offered] == ["Head CT", "Brain MRI", "Chest CT", "Server defaults"]
+    server = region_named("server defaults", offered)
+    assert server.findings == ["midline shift", "mass effect"] and server.from_server and server.modality == ""
+    assert not any(r.from_server for r in regions)  # the body regions are left as they were
+    # another server replaces the list; a server without defaults removes it
+    again = with_server_defaults(offered, ["hydrocephalus"], name="Valeurs du serveur")
+    assert [r.name for r in again] == ["Head CT", "Brain MRI", "Chest CT", "Valeurs du serveur"]
+    assert region_named("Valeurs du serveur", again).findings == ["hydrocephalus"]
+    assert [r.name for r in with_server_defaults(again, [])] == ["Head CT", "Brain MRI", "Chest CT"]
+    findings = [f"finding {i}" for i in range(11)]
+    assert findings_preview(findings) == (findings[:8], 3)
+    assert findings_preview(findings[:2], limit=8) == (findings[:2], 0)
+    assert findings_preview([], limit=3) == ([], 0)
+
+
+def test_the_connect_answer_names_every_model_and_the_default_findings():
+    info = {"name": "HLIP", "version": "0.1.0", "datastore": {"total": 2},
+            "models": {"segmentation_spleen": {"type": "segmentation", "labels": ["spleen"]},
+                       "hlip_findings": {"type": "hlip_findings", "labels": ["midline shift", "mass effect"],
+                                         "config": {"heatmaps": False, "max_findings": 12}, "description": "findings"}}}
+    with static_server({"/info/": (200, "application/json", json.dumps(info).encode())}) as url:
+        server = HLIPClient(url).connect()
+    assert server.model == "hlip_findings" and server.default_findings == ["midline shift", "mass effect"]
+    assert server.models == {"segmentation_spleen": "segmentation", "hlip_findings": "hlip_findings"}
+    assert not server.heatmaps and server.max_findings == 12 and server.datastore == {"total": 2}
+
+
+def test_view_rows_map_to_the_findings_table_rows_and_numbers_sort_by_value():
+    # column titles in the header (as the module sets the table node): model row r is table row r
+    assert [table_row_of_model_row(r, True, 3) for r in range(4)] == [0, 1, 2, None]
+    # otherwise Slicer's table model shows the column names as row 0: the first finding is model row 1
+    assert [table_row_of_model_row(r, False, 3) for r in range(5)] == [None, 0, 1, 2, None]
+    for titles in (True, False):
+        assert [table_row_of_model_row(model_row_of_table_row(t, titles), titles, 3) for t in range(3)] == [0, 1, 2]
+    rows = [FindingRow(0, "Mass effect", 0.81, -0.05, "s1", "T2", "scan01.nii", None),
+            FindingRow(1, "hydrocephalus", 0.2, -0.1, "s1", "T2", "scan01.nii", None),
+            FindingRow(2, "atrophy", 0.00001, 0.3, "s2", "FLAIR", "scan02.nii", None)]
+    table = table_rows(FindingsResult("s", rows, {}, [], 1.0), threshold=0.5)
+    keys = [table_sort_keys(r) for r in table]
+    assert [len(k) for k in keys] == [len(TABLE_COLUMNS)] * 3
+    names = [name for name, _ in TABLE_COLUMNS]
+    by = lambda column: [table[i]["Finding"] for i in sorted(range(3), key=lambda i: keys[i][names.index(column)])]  # noqa: E731
+    assert by("Score") == ["hydrocephalus", "Mass effect", "atrophy"]  # -0.1 < -0.05 < 0.3 (as text: "-0.05" < "-0.1")
+    assert by("Probability") == ["atrophy", "hydrocephalus", "Mass effect"]  # 0.0 < 0.2 < 0.81
+    assert by("Finding") == ["atrophy", "hydrocephalus", "Mass effect"]  # case does not matter
+    assert [is_flagged(r) for r in table] == [True, False, False]
 
 
 # -- background work -------------------------------------------------------------------------------------

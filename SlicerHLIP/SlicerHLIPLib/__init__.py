@@ -8,7 +8,8 @@ from .client import (DownloadedScan, FindingRow, FindingsResult, HeatMap, HLIPCl
                      ServerInfo, StudyListing, UploadedStudy, UploadFile, normalize_url)
 from .errors import (AuthenticationFailed, AuthenticationRequired, BadAnswer, Cancelled, HLIPError, NotFound, NotHLIPServer,
                      PermissionDenied, RequestRejected, RequestTimeout, ServerBusy, ServerError, ServerUnreachable)
-from .findings import TABLE_COLUMNS, Region, load_regions, parse_findings_text, region_named, table_rows
+from .findings import (SERVER_DEFAULTS, TABLE_COLUMNS, Region, findings_preview, is_flagged, load_regions, model_row_of_table_row,
+                       parse_findings_text, region_named, table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
 from .nifti import NiftiHeader, read_header, read_voxels, same_geometry, write_nifti
 from .settings import JsonFileSettings, MemorySettings, RememberedSettings
 from .study import Answer, LocalVolume, Question, ask, default_selection, plan_question
@@ -18,8 +19,10 @@ __all__ = [
     "Answer", "AuthenticationFailed", "AuthenticationRequired", "BackgroundTask", "BadAnswer", "CancelToken", "Cancelled",
     "DownloadedScan", "FindingRow", "FindingsResult", "HLIPClient", "HLIPError", "HeatMap", "JsonFileSettings",
     "LocalVolume", "MemorySettings", "NiftiHeader", "NotFound", "NotHLIPServer", "PermissionDenied", "Progress",
-    "Question", "Region", "RememberedSettings", "RequestRejected", "RequestTimeout", "ScanListing", "SearchHit",
-    "SearchResult", "ServerBusy", "ServerError", "ServerInfo", "ServerUnreachable", "StudyListing", "TABLE_COLUMNS",
-    "UploadFile", "UploadedStudy", "ask", "default_selection", "load_regions", "normalize_url", "parse_findings_text",
-    "plan_question", "read_header", "read_voxels", "region_named", "same_geometry", "table_rows", "write_nifti",
+    "Question", "Region", "RememberedSettings", "RequestRejected", "RequestTimeout", "SERVER_DEFAULTS", "ScanListing",
+    "SearchHit", "SearchResult", "ServerBusy", "ServerError", "ServerInfo", "ServerUnreachable", "StudyListing",
+    "TABLE_COLUMNS", "UploadFile", "UploadedStudy", "ask", "default_selection", "findings_preview", "is_flagged",
+    "load_regions", "model_row_of_table_row", "normalize_url", "parse_findings_text", "plan_question", "read_header",
+    "read_voxels", "region_named", "same_geometry", "table_row_of_model_row", "table_rows", "table_sort_keys",
+    "with_server_defaults", "write_nifti",
 ]

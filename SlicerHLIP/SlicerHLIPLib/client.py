@@ -97,6 +97,7 @@ class ServerInfo:
     max_findings: int
     description: str = ""
     datastore: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # every model the server offers: name -> type (``model`` among them)
 
 
 @dataclass
@@ -389,11 +390,12 @@ class HLIPClient:
             raise errors.NotHLIPServer(f"The server at {self.url} is not a MONAI Label server (its /info/ lists no models).",
                                        repr(info)[:300])
         models = info["models"]
+        offered = {str(k): str(v.get("type", "?")) if isinstance(v, dict) else "?" for k, v in models.items()}
         name = MODEL_TYPE if models.get(MODEL_TYPE, {}).get("type") == MODEL_TYPE else next(
             (k for k, v in models.items() if isinstance(v, dict) and v.get("type") == MODEL_TYPE), None)
         if name is None:
-            offered = ", ".join(f"{k} ({v.get('type', '?') if isinstance(v, dict) else '?'})" for k, v in models.items()) or "none"
-            raise errors.NotHLIPServer(f"The MONAI Label server at {self.url} has no HLIP findings model (its models: {offered}). "
+            raise errors.NotHLIPServer(f"The MONAI Label server at {self.url} has no HLIP findings model "
+                                       f"(its models: {', '.join(f'{k} ({t})' for k, t in offered.items()) or 'none'}). "
                                        "Start it with --app monailabel_app.", repr(models)[:300])
         model = models[name]
         config = model.get("config") or {}
@@ -403,7 +405,8 @@ class HLIPClient:
         self.info = ServerInfo(url=self.url, name=str(info.get("name", "")), version=str(info.get("version", "")), model=name,
                                default_findings=[str(x) for x in labels], heatmaps=bool(config.get("heatmaps", True)),
                                max_findings=int(config.get("max_findings", 32)), description=str(model.get("description", "")),
-                               datastore=info.get("datastore") if isinstance(info.get("datastore"), dict) else {})
+                               datastore=info.get("datastore") if isinstance(info.get("datastore"), dict) else {},
+                               models=offered)
         return self.info
 
     def login(self, username: str, password: str, cancel: Optional[CancelToken] = None) -> bool:
