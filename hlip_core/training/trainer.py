@@ -209,8 +209,9 @@ class Trainer:
             log.info("resuming from %s (step %d)", resume, doc["step"])
         else:
             model = self._new_model().to(device)
-            if cfg.text_pretrain_steps and env.is_main:
-                # the other processes receive these weights when DistributedDataParallel is built
+            if cfg.text_pretrain_steps:
+                # every process runs it (the same seed: no process waits on another past a collective's
+                # timeout); DistributedDataParallel then starts them all from rank 0's weights
                 self.text_pretraining = self._pretrain_text(model)
         model.train()
         self._check_scan_counts(model)
