@@ -7,11 +7,12 @@ import csv
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from hlip_core.demo import DEMO_TRAINING, FINDINGS, build_demo
 from hlip_core.demo.build import _study_rng, study_id
 from hlip_core.demo.reports import write_report
-from hlip_core.demo.synth import Anatomy, draw_study, template_channels
+from hlip_core.demo.synth import CHANNELS, Anatomy, draw_study, present_channels, template_channels
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +22,17 @@ def anatomy():
 
 def test_each_drawn_finding_is_planted_in_the_anatomy_and_written_in_the_report(anatomy):
     seen = {f: 0 for f in FINDINGS}
+    impressions = 0
     for index in range(40):
         rng = _study_rng(0, "train", index)
         spec = draw_study(anatomy, rng, study_id("train", index))
         report = write_report(spec, rng).lower()
         assert report.strip()
+        if "impression:" in report:  # the impression comes last and is normal exactly when the study is
+            impressions += 1
+            impression = report[report.index("impression:"):]
+            normal = any(w in impression for w in ("normal study", "no acute intracranial abnormality", "unremarkable"))
+            assert normal == (not any(spec.labels.values())), report
         for f, present in spec.labels.items():
             seen[f] += present
         if spec.labels["mass"] or spec.labels["haemorrhage"] or spec.labels["infarct"]:
@@ -38,6 +45,29 @@ def test_each_drawn_finding_is_planted_in_the_anatomy_and_written_in_the_report(
         if not any(spec.labels.values()):
             assert not spec.lesions
     assert all(5 <= n <= 25 for n in seen.values()), seen  # every finding occurs, none in every study
+    assert 20 <= impressions < 40  # most reports end with an impression, not all
+
+
+def test_only_the_channels_a_study_uses_are_built_and_they_equal_the_full_set(anatomy):
+    """Rendering builds and samples only the tissue channels a study's findings fill; they must be
+    the same as those of the full set, and the ones left out empty there."""
+    kinds_seen = set()
+    for index in range(12):
+        rng = _study_rng(0, "train", index)
+        spec = draw_study(anatomy, rng, study_id("train", index))
+        names = present_channels(spec)
+        kinds_seen |= {lesion.kind for lesion in spec.lesions}
+        full = template_channels(anatomy, spec)
+        some = template_channels(anatomy, spec, names)
+        assert some.shape[0] == len(names) and set(names) >= {"gm", "wm", "csf", "mask"}
+        for name in CHANNELS:
+            if name in names:
+                assert torch.equal(some[names.index(name)], full[CHANNELS.index(name)]), (spec.study_id, name)
+            else:
+                assert float(full[CHANNELS.index(name)].abs().max()) == 0.0, (spec.study_id, name)
+        if not spec.lesions:
+            assert names == ("gm", "wm", "csf", "mask")
+    assert kinds_seen == {"mass", "haemorrhage", "infarct"}  # every kind of focal finding was checked
 
 
 def test_the_demo_is_written_as_a_user_archive_and_rebuilt_identically(tmp_path):

@@ -1,9 +1,11 @@
 """Radiology reports for the demo studies: the planted findings in varied wording, with negations.
 
-A report names every finding of its study (location and size where the study has them), denies a
-random subset of the absent ones ("No midline shift."), says so when the study is normal, and adds
-a few unrelated normal statements. Spelling varies as it does between radiologists
-(haemorrhage / hemorrhage, oedema / edema).
+A report's findings section names every finding of its study (location and size where the study
+has them), denies a random subset of the absent ones ("No midline shift."), says so when the study
+is normal, and adds a few unrelated normal statements. Most reports end, as clinical reports do,
+with an impression: the positive findings again in a few words each ("Impression: acute left MCA
+infarct. Midline shift."), or that the study is normal. Spelling varies as it does between
+radiologists (haemorrhage / hemorrhage, oedema / edema).
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ NEGATIVE = {
                       "The septum pellucidum is midline."],
 }
 
+# the impression: each positive finding in a few words
+IMPRESSION = {
+    "mass": ["{side} {region} mass", "intra-axial mass lesion", "{side} {region} tumour with {oedema}", "space-occupying lesion"],
+    "haemorrhage": ["intracerebral {haemorrhage}", "acute {side} {region} {haematoma}", "intraparenchymal bleed",
+                    "acute {haemorrhage}"],
+    "infarct": ["acute {side} {region} infarct", "acute {ischaemic} stroke", "acute infarct", "territorial infarction"],
+    "atrophy": ["cerebral atrophy", "generalised volume loss", "brain atrophy", "atrophy"],
+    "midline_shift": ["midline shift", "midline shift to the {direction}", "shift of the midline structures",
+                      "mass effect with midline shift"],
+}
+IMPRESSION_NORMAL = ["Impression: normal study.", "Impression: no acute intracranial abnormality.", "Impression: unremarkable."]
+
 NORMAL = ["No acute intracranial abnormality.", "Normal MRI of the brain.", "The brain parenchyma is normal.",
           "Unremarkable brain MRI."]
 FILLER = ["The orbits and paranasal sinuses are unremarkable.", "The major intracranial flow voids are preserved.",
@@ -79,17 +93,24 @@ def _fill(template: str, rng: np.random.Generator, **facts) -> str:
     return text[0].upper() + text[1:]
 
 
-def write_report(spec: StudySpec, rng: np.random.Generator, negation_rate: float = 0.6) -> str:
-    """The report of a study: one sentence per finding present, negations, normal statements."""
-    sentences = []
+ARTERIES = {"middle cerebral artery": "MCA", "posterior cerebral artery": "PCA", "anterior cerebral artery": "ACA"}
+
+
+def write_report(spec: StudySpec, rng: np.random.Generator, negation_rate: float = 0.6, impression_rate: float = 0.75) -> str:
+    """The report of a study: one sentence per finding present, negations, normal statements, and
+    (in ``impression_rate`` of the reports) an impression with the positive findings in a few words."""
+    sentences, phrases = [], []
     for lesion in spec.lesions:
-        sentences.append(_fill(str(rng.choice(POSITIVE[lesion.kind])), rng, side=lesion.side, region=lesion.region,
-                               size=int(round(2 * lesion.radius))))
+        facts = dict(side=lesion.side, region=lesion.region, size=int(round(2 * lesion.radius)))
+        sentences.append(_fill(str(rng.choice(POSITIVE[lesion.kind])), rng, **facts))
+        phrases.append(_fill(str(rng.choice(IMPRESSION[lesion.kind])), rng, **{**facts, "region": ARTERIES.get(lesion.region, lesion.region)}))
     if spec.labels.get("atrophy"):
         sentences.append(_fill(str(rng.choice(POSITIVE["atrophy"])), rng))
+        phrases.append(_fill(str(rng.choice(IMPRESSION["atrophy"])), rng))
     if spec.labels.get("midline_shift"):
         direction = "right" if spec.shift_mm > 0 else "left"
         sentences.append(_fill(str(rng.choice(POSITIVE["midline_shift"])), rng, shift=int(round(abs(spec.shift_mm))), direction=direction))
+        phrases.append(_fill(str(rng.choice(IMPRESSION["midline_shift"])), rng, direction=direction))
     for finding, present in spec.labels.items():
         if not present and rng.random() < negation_rate:
             sentences.append(_fill(str(rng.choice(NEGATIVE[finding])), rng))
@@ -97,5 +118,12 @@ def write_report(spec: StudySpec, rng: np.random.Generator, negation_rate: float
         sentences.append(str(rng.choice(NORMAL)))
     for i in rng.permutation(len(FILLER))[: int(rng.integers(0, 3))]:
         sentences.append(FILLER[i])
-    order = rng.permutation(len(sentences))
-    return " ".join(sentences[i] for i in order)
+    report = [sentences[i] for i in rng.permutation(len(sentences))]
+    if rng.random() < impression_rate:
+        if phrases:
+            ordered = [phrases[i] for i in rng.permutation(len(phrases))]
+            report.append(f"Impression: {ordered[0][0].lower()}{ordered[0][1:]}.")
+            report += [f"{p}." for p in ordered[1:]]
+        else:
+            report.append(str(rng.choice(IMPRESSION_NORMAL)))
+    return " ".join(report)

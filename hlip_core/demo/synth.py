@@ -120,12 +120,11 @@ def region_of(center: tuple[float, float, float], deep: bool = False) -> str:
     return "parietal lobe"
 
 
-def _brain_point(anatomy: Anatomy, rng: np.random.Generator, weight: torch.Tensor, min_abs_x: float = 12.0) -> tuple[float, float, float]:
-    """A random voxel position (RAS mm) drawn with probability ``weight`` [Z, Y, X], off the midline."""
-    w = weight.clone()
-    w[anatomy.coords[0].abs() < min_abs_x] = 0
-    flat = w.flatten().double()
-    index = int(torch.multinomial(flat / flat.sum(), 1, generator=torch.Generator().manual_seed(int(rng.integers(2**31)))))
+def _brain_point(anatomy: Anatomy, rng: np.random.Generator, region: torch.Tensor, min_abs_x: float = 12.0) -> tuple[float, float, float]:
+    """A voxel position (RAS mm) drawn uniformly from the voxels where ``region`` [Z, Y, X] bool
+    holds, off the midline."""
+    candidates = torch.nonzero((region & (anatomy.coords[0].abs() >= min_abs_x)).flatten()).flatten()
+    index = int(candidates[int(rng.integers(len(candidates)))])
     return tuple(float(anatomy.coords[c].flatten()[index]) for c in range(3))  # type: ignore[return-value]
 
 
@@ -138,16 +137,16 @@ def draw_study(anatomy: Anatomy, rng: np.random.Generator, study_id: str, preval
     spec = StudySpec(study_id, labels, contrasts, seed=int(rng.integers(2**31)))
     gm, wm = anatomy.maps[0], anatomy.maps[1]
     if labels["mass"]:
-        c = _brain_point(anatomy, rng, (wm > 0.7).float())
+        c = _brain_point(anatomy, rng, wm > 0.7)
         spec.lesions.append(Lesion("mass", c, float(rng.uniform(11, 16)), side_of(c[0]), region_of(c)))
     if labels["haemorrhage"]:
         deep = rng.random() < 0.5
         if deep:
-            box = ((anatomy.coords[1] > -35) & (anatomy.coords[1] < 15) & (anatomy.coords[2] > -8) & (anatomy.coords[2] < 20)).float()
-            c = _brain_point(anatomy, rng, (gm + wm > 0.8).float() * box, min_abs_x=14)
+            box = (anatomy.coords[1] > -35) & (anatomy.coords[1] < 15) & (anatomy.coords[2] > -8) & (anatomy.coords[2] < 20)
+            c = _brain_point(anatomy, rng, (gm + wm > 0.8) & box, min_abs_x=14)
         else:
-            c = _brain_point(anatomy, rng, (wm > 0.5).float())
-        spec.lesions.append(Lesion("haemorrhage", c, float(rng.uniform(11, 16)), side_of(c[0]), region_of(c, deep)))
+            c = _brain_point(anatomy, rng, wm > 0.5)
+        spec.lesions.append(Lesion("haemorrhage", c, float(rng.uniform(15, 21)), side_of(c[0]), region_of(c, deep)))
     if labels["infarct"]:
         sign = 1.0 if rng.random() < 0.5 else -1.0
         territory = str(rng.choice(["middle cerebral artery", "middle cerebral artery", "posterior cerebral artery", "anterior cerebral artery"]))
@@ -197,12 +196,26 @@ def _crop(anatomy: Anatomy, center, extent_mm: float) -> tuple[slice, slice, sli
     return box[2], box[1], box[0]
 
 
-def template_channels(anatomy: Anatomy, spec: StudySpec) -> torch.Tensor:
-    """[8, Z, Y, X] tissue channels (CHANNELS order) with the study's focal findings planted."""
+def present_channels(spec: StudySpec) -> tuple[str, ...]:
+    """The tissue channels (CHANNELS order) that are not empty for this study's findings."""
+    kinds = {lesion.kind for lesion in spec.lesions}
+    present = {"gm", "wm", "csf", "mask"}
+    if "mass" in kinds:
+        present |= {"core", "oedema"}
+    if "haemorrhage" in kinds:
+        present |= {"blood", "oedema"}
+    if "infarct" in kinds:
+        present.add("infarct")
+    return tuple(c for c in CHANNELS if c in present)
+
+
+def template_channels(anatomy: Anatomy, spec: StudySpec, channels: tuple[str, ...] = CHANNELS) -> torch.Tensor:
+    """[len(channels), Z, Y, X] tissue channels (all of CHANNELS by default, in the order asked)
+    with the study's focal findings planted."""
     rng = np.random.default_rng(spec.seed)
     gm, wm, csf, mask = anatomy.maps
-    core, oedema, blood, infarct = (torch.zeros_like(gm) for _ in range(4))
-    brain = (gm + wm).clamp(0, 1)
+    core, oedema, blood, infarct = (torch.zeros_like(gm) for _ in range(4)) if spec.lesions else (None,) * 4
+    brain = (gm + wm).clamp(0, 1) if spec.lesions else None
     for lesion in spec.lesions:
         r = lesion.radius
         if lesion.kind == "mass":
@@ -229,12 +242,18 @@ def template_channels(anatomy: Anatomy, spec: StudySpec) -> torch.Tensor:
     if spec.cortex_loss > 0:
         lost = gm * anatomy.periphery * spec.cortex_loss
         gm, csf = gm - lost, csf + lost
+    if not spec.lesions:  # nothing occupies the tissue: the maps as they are
+        make = {"gm": lambda: gm, "wm": lambda: wm, "csf": lambda: csf, "mask": lambda: mask}
+        return torch.stack([make[c]() if c in make else torch.zeros_like(gm) for c in channels])
     occupied = (core + oedema + blood + infarct).clamp(0, 1)
     keep = 1.0 - occupied
     oedema = oedema * (1 - core)
     total = (core + oedema + blood + infarct).clamp(min=1.0)
     # lesions replace the tissue they occupy; the shares of a voxel add up to at most one
-    return torch.stack([gm * keep, wm * keep, csf * keep, mask, core / total, oedema / total, blood / total, infarct / total])
+    make = {"gm": lambda: gm * keep, "wm": lambda: wm * keep, "csf": lambda: csf * keep, "mask": lambda: mask,
+            "core": lambda: core / total, "oedema": lambda: oedema / total, "blood": lambda: blood / total,
+            "infarct": lambda: infarct / total}
+    return torch.stack([make[c]() for c in channels])
 
 
 def _territory(coords: torch.Tensor, lesion: Lesion, rng: np.random.Generator) -> torch.Tensor:
@@ -323,8 +342,10 @@ def scan_grid(rng: np.random.Generator, inplane_choices=(3.0, 3.3, 3.6), thick_c
     return affine, shape
 
 
-def _sample(anatomy: Anatomy, channels: torch.Tensor, spec: StudySpec, affine: np.ndarray, shape) -> dict[str, torch.Tensor]:
-    """The tissue channels [1, C, Z, Y, X] (template) seen on a scanner grid: {channel: [X, Y, Z]}."""
+def _sample(anatomy: Anatomy, channels: torch.Tensor, names: tuple[str, ...], spec: StudySpec, affine: np.ndarray,
+            shape) -> dict[str, torch.Tensor]:
+    """The tissue channels [1, C, Z, Y, X] (template; ``names`` says which) seen on a scanner grid:
+    {channel: [X, Y, Z]}."""
     ii, jj, kk = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij")
     vox = torch.stack([ii, jj, kk, torch.ones_like(ii)], dim=-1)  # [X, Y, Z, 4]
     world = vox @ torch.from_numpy(affine.T).float()
@@ -334,27 +355,28 @@ def _sample(anatomy: Anatomy, channels: torch.Tensor, spec: StudySpec, affine: n
     dims = torch.tensor([channels.shape[4], channels.shape[3], channels.shape[2]], dtype=torch.float32)  # X, Y, Z sizes
     grid = (tvox[..., :3] / (dims - 1)) * 2 - 1  # normalised (x, y, z), as grid_sample wants
     sampled = F.grid_sample(channels, grid.permute(2, 1, 0, 3)[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    return {name: c.permute(2, 1, 0) for name, c in zip(CHANNELS, sampled)}
+    return {name: c.permute(2, 1, 0) for name, c in zip(names, sampled)}
 
 
 def render_study(anatomy: Anatomy, spec: StudySpec) -> list[Scan]:
     """The scans of a study as NIfTI-ready int16 volumes [X, Y, Z] with their affines. The
     structural scans share one slice prescription; diffusion has its own, coarser one."""
     rng = np.random.default_rng(spec.seed + 1)
-    channels = template_channels(anatomy, spec)[None]
+    names = present_channels(spec)  # empty channels (findings the study lacks) are not sampled
+    channels = template_channels(anatomy, spec, names)[None]
     grids = {"structural": scan_grid(rng), "diffusion": scan_grid(rng, (3.6, 4.0), (5.0, 6.0))}
     seen = {}
     scans = []
     for contrast in spec.contrasts:
         kind = "diffusion" if contrast == "DWI" else "structural"
         if kind not in seen:
-            seen[kind] = _sample(anatomy, channels, spec, *grids[kind])
+            seen[kind] = _sample(anatomy, channels, names, spec, *grids[kind])
         tissue = seen[kind]
-        signal = sum(tissue[t] * v for t, v in CONTRASTS[contrast].items())
+        signal = sum(tissue[t] * v for t, v in CONTRASTS[contrast].items() if t in tissue)
         signal = signal * torch.sigmoid((tissue["mask"] - 0.35) * 30)  # no signal outside the head
         signal = signal * _bias_field(signal.shape, rng) * _texture(signal.shape, rng)
         scale = float(rng.uniform(400, 1800))
-        noise = rng.normal(0, 0.03, size=(2, *signal.shape)).astype(np.float32)
+        noise = rng.standard_normal(size=(2, *signal.shape), dtype=np.float32) * np.float32(0.03)
         magnitude = np.sqrt((signal.numpy() + noise[0]) ** 2 + noise[1] ** 2)  # Rician, as magnitude images are
         data = np.clip(magnitude * scale, 0, 32767).astype(np.int16)
         scans.append(Scan(contrast, SERIES_NAMES[contrast], data, grids[kind][0]))
