@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import types
 import typing
@@ -35,7 +36,11 @@ def _kind(f: dataclasses.Field):
 def build_parser() -> argparse.ArgumentParser:
     from hlip_core.demo import DEMO_TRAINING
 
-    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_TRAINING.items())
+    def as_flag(name, value):  # how the option is written on a command line (booleans are --x / --no-x)
+        flag = "--" + name.replace("_", "-")
+        return (flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag} {shlex.quote(str(value))}"
+
+    demo = ", ".join(as_flag(k, v) for k, v in DEMO_TRAINING.items())
     parser = argparse.ArgumentParser(
         prog="train/pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"The demo (no arguments, or --demo) writes its studies under --demo-folder and sets: {demo}; "

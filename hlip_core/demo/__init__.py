@@ -7,19 +7,30 @@
 from .build import DemoData, build_demo, prompts_path
 from .synth import FINDINGS
 
-# the tiny recipe the demo trains with (options of hlip_core.training.TrainConfig)
+# the tiny recipe the demo trains with (options of hlip_core.training.TrainConfig). The text tower is
+# pre-trained on the training reports as a masked language model, then locked (its projection
+# trains): a randomly initialised tower trained with CLIP from the start gives nearly the same
+# embedding to every report and settles on the findings that are easiest to see. Each sentence is
+# encoded on its own and the report is the mean of its sentences, so a short prompt is read like
+# one sentence of a report. Two scans per study and step: half the compute of four, and on this
+# budget more steps matter more than more scans; the learning rates are high for the same reason
+# (benchmarks/RESULTS.md).
 DEMO_TRAINING = {
     "config": "tiny_multiscan_h2",
-    "max_scans": 4,
+    "max_scans": 2,
     "report_prefix": "This MRI study shows: ",
-    "steps": 800,
+    "text_pooling": "sentence",
+    "text_pretrain_steps": 200,
+    "text_pretrain_lr": 3e-3,
+    "lock_text": True,
+    "steps": 1000,
     "batch_size": 32,
-    "lr": 1e-3,
+    "lr": 2e-3,
     "warmup_steps": 50,
     "weight_decay": 0.05,
     "vocab_size": 1000,
-    "checkpoint_every": 200,
-    "eval_every": 200,
+    "checkpoint_every": 250,
+    "eval_every": 250,
     "workers": 1,
     "device": "cpu",
 }
