@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hlip_core
-from hlip_core.model.text import TextTower
+from hlip_core.model.text import POOLINGS, TextTower
+from hlip_core.training.config import TEXT_POOLINGS
 from hlip_core.training.text_pretrain import SentenceTokens, mask_tokens, pretrain_text_tower
 from hlip_core.training.vocab import report_vocabulary, tokenizer_from_vocabulary
 
@@ -74,6 +75,7 @@ def test_an_unknown_pooling_is_refused_by_name():
         model_with("max")
     with pytest.raises(ValueError, match="sentence pooling needs"):
         TextTower.from_config({"vocab_size": 50, "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "pooling": "sentence"}, 16)
+    assert TEXT_POOLINGS == POOLINGS  # the training options offer exactly the tower's poolings
 
 
 def test_pooling_and_sentence_ends_travel_with_a_saved_model(tmp_path):
@@ -88,7 +90,10 @@ def test_pooling_and_sentence_ends_travel_with_a_saved_model(tmp_path):
 
 def test_sentence_tokens_assemble_the_same_ids_as_the_tokenizer():
     model = model_with("mean")
-    data = SentenceTokens(model.tokenizer, [["no mass.", "blood in the left lobe."]], ["this mri study shows: "])
+    data = SentenceTokens(model.tokenizer, [[], ["no mass.", "blood in the left lobe."]], ["", "this mri study shows: "])
+    assert len(data.reports) == 1  # a report without sentences is left out, with its prefix
+    with pytest.raises(ValueError, match="2 prefixes for 1 reports"):
+        SentenceTokens(model.tokenizer, [["no mass."]], ["a", "b"])
     ids, mask = data.batch([0], np.random.default_rng(0))
     text = model.tokenizer.hf.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
     expected, _ = model.tokenizer([f"this mri study shows: {text[len('this mri study shows: '):]}"])

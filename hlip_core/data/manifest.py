@@ -130,3 +130,12 @@ def load_scan(root: str | os.PathLike, scan: dict, mmap: bool = True, as_float: 
     if array.dtype == np.uint8:
         return np.array(array) if not as_float else array.astype(np.float32) / 255.0
     return np.asarray(array, dtype=np.float32)
+
+
+def stack_scans(arrays: list[np.ndarray]) -> np.ndarray:
+    """Scans of one study from ``load_scan(..., as_float=False)`` as one array [n, D, H, W]: uint8
+    when every scan is uint8 storage (the model reads it as x / 255), else float32 in [0, 1] (uint8
+    scans among them read as x / 255)."""
+    if any(a.dtype != np.uint8 for a in arrays):
+        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
+    return np.stack(arrays)

@@ -69,15 +69,18 @@ def item_tensor(item: Item, max_scans: int | None = None) -> torch.Tensor:
 
 
 def collate(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad studies [N_i, 1, D, H, W] to x [B, max N, 1, D, H, W] and scan_mask [B, max N]."""
+    """Pad studies [N_i, 1, D, H, W] to x [B, max N, 1, D, H, W] and scan_mask [B, max N]. The batch
+    stays uint8 when every study is (the model reads uint8 as x / 255); otherwise it takes the
+    first float study's dtype, and uint8 studies among them are read as x / 255."""
     shapes = {tuple(t.shape[1:]) for t in tensors}
     if len(shapes) != 1:
         raise ValueError(f"scans of one batch must share the model grid; got {sorted(shapes)}")
     n = max(t.shape[0] for t in tensors)
-    x = tensors[0].new_zeros(len(tensors), n, *shapes.pop())
+    dtype = next((t.dtype for t in tensors if t.dtype != torch.uint8), torch.uint8)
+    x = tensors[0].new_zeros(len(tensors), n, *shapes.pop(), dtype=dtype)
     mask = torch.zeros(len(tensors), n, dtype=torch.bool)
     for i, t in enumerate(tensors):
-        x[i, : t.shape[0]] = t
+        x[i, : t.shape[0]] = t if t.dtype == dtype else t.to(dtype) / 255.0
         mask[i, : t.shape[0]] = True
     return x, mask
 

@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass, field
 
 
+TEXT_POOLINGS = ("cls", "mean", "sentence")  # hlip_core.model.text.POOLINGS (not imported: this module stays free of torch)
+
+
 def _opt(default, help: str, **extra):
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help, **extra})
@@ -34,7 +37,7 @@ class TrainConfig:
     vocab_size: int = _opt(4000, "size of the WordPiece vocabulary trained on the reports (without --text-model)")
     text_pooling: str | None = _opt(None, "pooling of the text tower: 'cls' (the [CLS] token), 'mean' (mean of the tokens) or "
                                           "'sentence' (each sentence encoded alone, the report the mean of its sentences); "
-                                          "the configuration's when not given", choices=(None, "cls", "mean", "sentence"))
+                                          "the configuration's when not given", choices=(None, *TEXT_POOLINGS))
     text_pretrain_steps: int = _opt(0, "masked-language-model steps of the text tower on the training reports before the "
                                        "language-image training (a new run only; 0 = none): a small BERT from scratch learns far "
                                        "faster with them")
@@ -104,7 +107,7 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.text_pretrain_steps and not (self.text_pretrain_lr > 0 and self.text_pretrain_batch >= 1):
             raise ValueError("--text-pretrain-lr must be positive and --text-pretrain-batch at least 1")
-        if self.text_pooling not in (None, "cls", "mean", "sentence"):
+        if self.text_pooling is not None and self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"--text-pooling must be cls, mean or sentence, got {self.text_pooling!r}")
         for name in ("patch_dropout", "drop_path"):
             v = getattr(self, name)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.manifest import load_scan, manifest_path, read_manifest
+from ..data.manifest import load_scan, manifest_path, read_manifest, stack_scans
+from ..eval.embedding import collate as pad_studies
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,7 @@ class StudyDataset(Dataset):
         arrays = [load_scan(self.root, scans[i], mmap=False, as_float=False) for i in chosen]
         if any(a.shape != arrays[0].shape for a in arrays):
             raise ValueError(f"scans of different shapes {[list(a.shape) for a in arrays]}")
-        if any(a.dtype != np.uint8 for a in arrays):
-            arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
-        volume = np.stack(arrays)
+        volume = stack_scans(arrays)
         if volume.dtype != np.uint8 and not np.isfinite(volume).all():
             raise ValueError("a scan holds NaN or infinite values")
         return Sample(record["study_id"], torch.from_numpy(volume)[:, None], text)
@@ -163,15 +162,7 @@ class Collate:
         self.tokenize = tokenize
 
     def __call__(self, samples: list[Sample]) -> dict:
-        n = max(s.scans.shape[0] for s in samples)
-        shape = samples[0].scans.shape[1:]
-        dtype = torch.uint8 if all(s.scans.dtype == torch.uint8 for s in samples) else torch.float32
-        studies = torch.zeros(len(samples), n, *shape, dtype=dtype)
-        mask = torch.zeros(len(samples), n, dtype=torch.bool)
-        for i, s in enumerate(samples):
-            scans = s.scans if s.scans.dtype == dtype else s.scans.float() / 255.0  # uint8 into a float batch
-            studies[i, : s.scans.shape[0]] = scans
-            mask[i, : s.scans.shape[0]] = True
+        studies, mask = pad_studies([s.scans for s in samples])
         ids, attention = self.tokenize([s.text for s in samples])
         return {"studies": studies, "scan_mask": mask, "tokens": (ids, attention), "study_ids": [s.study_id for s in samples]}
 

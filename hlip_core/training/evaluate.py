@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data.manifest import load_scan, manifest_path, read_manifest
+from ..data.manifest import load_scan, manifest_path, read_manifest, stack_scans
+from ..eval.embedding import collate as pad_studies
 from ..eval.metrics import auc_per_finding, macro
 from ..eval.zeroshot import PromptSet, ZeroShotClassifier, load_prompt_set
 from ..model import autocast
@@ -56,9 +57,7 @@ def load_held_out(manifest: str | os.PathLike, prompts: str | os.PathLike) -> He
 
 def _study_tensor(held: HeldOut, record: dict, max_scans: int) -> torch.Tensor:
     arrays = [load_scan(held.root, s, mmap=False, as_float=False) for s in record["scans"][:max_scans]]
-    if any(a.dtype != np.uint8 for a in arrays):
-        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
-    return torch.from_numpy(np.stack(arrays))[:, None]  # uint8 [0, 255] (the model reads x / 255) or float32 [0, 1]
+    return torch.from_numpy(stack_scans(arrays))[:, None]  # uint8 [0, 255] (the model reads x / 255) or float32 [0, 1]
 
 
 @torch.no_grad()
@@ -80,13 +79,7 @@ def embed_held_out(model, held: HeldOut, device: torch.device, precision: str, b
                 log.warning("held-out study %s skipped: %s: %s", held.records[i]["study_id"], type(exc).__name__, exc)
         if not rows:
             continue
-        count = max(s.shape[0] for s in studies)
-        dtype = torch.uint8 if all(s.dtype == torch.uint8 for s in studies) else torch.float32
-        x = torch.zeros(len(studies), count, *studies[0].shape[1:], dtype=dtype)
-        mask = torch.zeros(len(studies), count, dtype=torch.bool)
-        for k, s in enumerate(studies):
-            x[k, : s.shape[0]] = s if s.dtype == dtype else s.float() / 255.0
-            mask[k, : s.shape[0]] = True
+        x, mask = pad_studies(studies)
         with autocast(device, precision):
             z = model.encode_study(x.to(device), mask.to(device))
         out[rows] = F.normalize(z.float(), dim=-1).cpu()

@@ -49,10 +49,16 @@ class _MaskedLMHead(nn.Module):
 class SentenceTokens:
     """Reports as token-id lists per sentence, tokenised once; ``batch`` assembles shuffled reports.
 
-    prefixes[i] is put before report i's sentences (e.g. "This MRI study shows: "), as in training.
+    prefixes[i] is put before report i's sentences (e.g. "This MRI study shows: "), as in training
+    (none by default). Reports without any sentence are left out.
     """
 
-    def __init__(self, tokenizer, reports: Sequence[Sequence[str]], prefixes: Sequence[str]):
+    def __init__(self, tokenizer, reports: Sequence[Sequence[str]], prefixes: Sequence[str] | None = None):
+        prefixes = list(prefixes) if prefixes is not None else [""] * len(reports)
+        if len(prefixes) != len(reports):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(reports)} reports")
+        keep = [i for i, r in enumerate(reports) if r]
+        reports, prefixes = [reports[i] for i in keep], [prefixes[i] for i in keep]
         hf = tokenizer.hf
         self.cls, self.sep, self.pad = int(hf.cls_token_id), int(hf.sep_token_id), int(tokenizer.pad_token_id)
         self.mask_id = int(hf.mask_token_id)
@@ -79,6 +85,18 @@ class SentenceTokens:
             ids[b, : len(r)] = torch.tensor(r)
         return ids, (ids != self.pad).long()
 
+    def masked_loss(self, model, head: nn.Module, indices: Sequence[int], rng: np.random.Generator, generator: torch.Generator,
+                    device, reduction: str = "mean") -> tuple[torch.Tensor, int] | None:
+        """(masked-token cross-entropy, tokens predicted) of reports ``indices``, sentences shuffled
+        and tokens masked by ``rng`` and ``generator``; None when no token was masked."""
+        ids, attention = self.batch(indices, rng)
+        inputs, targets = mask_tokens(ids, attention, self.special, self.mask_id, self.vocab, generator)
+        picked = targets != -100
+        if not picked.any():
+            return None
+        hidden = model.text.hidden_states(inputs.to(device), attention.to(device))
+        return F.cross_entropy(head(hidden[picked.to(device)]), targets[picked].to(device), reduction=reduction), int(picked.sum())
+
 
 def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: Sequence[int], mask_id: int, vocab: int,
                 generator: torch.Generator, rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,14 +122,11 @@ def _held_out_loss(model, head: nn.Module, data: SentenceTokens, device, seed: i
     total, count = 0.0, 0
     try:
         for start in range(0, len(data.reports), batch_size):
-            ids, attention = data.batch(range(start, min(start + batch_size, len(data.reports))), rng)
-            inputs, targets = mask_tokens(ids, attention, data.special, data.mask_id, data.vocab, generator)
-            picked = targets != -100
-            if not picked.any():
-                continue
-            hidden = model.text.hidden_states(inputs.to(device), attention.to(device))
-            total += float(F.cross_entropy(head(hidden[picked.to(device)]), targets[picked].to(device), reduction="sum"))
-            count += int(picked.sum())
+            scored = data.masked_loss(model, head, range(start, min(start + batch_size, len(data.reports))), rng, generator,
+                                      device, reduction="sum")
+            if scored is not None:
+                total += float(scored[0])
+                count += scored[1]
     finally:
         model.text.train(was_training)
     return total / count if count else float("nan")
@@ -134,11 +149,7 @@ def pretrain_text_tower(model, reports: Sequence[Sequence[str]], prefixes: Seque
         raise ValueError("the text tower can only be pre-trained with its tokenizer; the model has none")
     if steps < 1:
         raise ValueError(f"text pre-training needs at least 1 step, got {steps}")
-    prefixes = list(prefixes) if prefixes is not None else [""] * len(reports)
-    if len(prefixes) != len(reports):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(reports)} reports")
-    keep = [i for i, r in enumerate(reports) if r]
-    data = SentenceTokens(model.tokenizer, [reports[i] for i in keep], [prefixes[i] for i in keep])
+    data = SentenceTokens(model.tokenizer, reports, prefixes)
     bert = model.text.transformer
     config = bert.config
     head = _MaskedLMHead(bert.embeddings.word_embeddings, config.hidden_size, config.layer_norm_eps).to(device)
@@ -149,9 +160,7 @@ def pretrain_text_tower(model, reports: Sequence[Sequence[str]], prefixes: Seque
     held = None
     stats: dict = {}
     if held_out:
-        held_prefixes = list(held_out_prefixes) if held_out_prefixes is not None else [""] * len(held_out)
-        kept = [i for i, r in enumerate(held_out) if r]
-        held = SentenceTokens(model.tokenizer, [held_out[i] for i in kept], [held_prefixes[i] for i in kept])
+        held = SentenceTokens(model.tokenizer, held_out, held_out_prefixes)
         stats["held_out_before"] = _held_out_loss(model, head, held, device, seed)
     was_training = bert.training
     bert.train()
@@ -161,13 +170,10 @@ def pretrain_text_tower(model, reports: Sequence[Sequence[str]], prefixes: Seque
             factor = min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            ids, attention = data.batch(rng.integers(0, len(data.reports), batch_size), rng)
-            inputs, targets = mask_tokens(ids, attention, data.special, data.mask_id, data.vocab, generator)
-            if not (targets != -100).any():
+            scored = data.masked_loss(model, head, rng.integers(0, len(data.reports), batch_size), rng, generator, device)
+            if scored is None:
                 continue
-            hidden = model.text.hidden_states(inputs.to(device), attention.to(device))
-            picked = targets.to(device) != -100
-            loss = F.cross_entropy(head(hidden[picked]), targets.to(device)[picked])
+            loss = scored[0]
             if not torch.isfinite(loss):
                 raise RuntimeError(f"text pre-training diverged at step {step + 1} (loss {float(loss)}); lower its learning rate")
             optimizer.zero_grad(set_to_none=True)
