@@ -207,6 +207,23 @@ def test_bf16_autocast_is_close_to_fp32():
     assert (cos > 0.99).all(), cos
 
 
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    """The demo trains in bf16 only where the CPU has bf16 matrix hardware; Linux lists it in cpuinfo."""
+    from pathlib import Path
+    from hlip_core.demo import DEMO_TRAINING
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
+    assert hlip_core.model.cpu_has_native_bf16() == native, sorted(f for f in flags if "bf16" in f or "amx" in f)
+    assert DEMO_TRAINING["precision"] == ("bf16" if native else "fp32")
+
+
 @pytest.mark.parametrize(
     "x, mask, message",
     [

@@ -142,3 +142,16 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16). There bf16
+    autocast is faster than fp32; on other CPUs PyTorch emulates bf16 and it is slower."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
