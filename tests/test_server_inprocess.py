@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_helpers import (APP_DIR, make_checkpoint, parse_multipart, read_nifti_bytes, require_ingestion, same_geometry,
-                            write_dicom_series, write_nifti_study)
+from server_helpers import (APP_DIR, assert_info_not_queued, make_checkpoint, parse_multipart, read_nifti_bytes,
+                            require_ingestion, same_geometry, write_dicom_series, write_nifti_study)
 
 FINDINGS = ["intracranial hemorrhage", "mass effect"]
 MAX_QUEUE = 2
@@ -340,11 +340,7 @@ def test_info_does_not_wait_for_the_model_to_finish(server):
         if len(busy_latencies) >= 20:
             break
     assert len(busy_latencies) >= 20, f"only {len(busy_latencies)} /info/ calls overlapped an inference"
-    # /info/ must not queue behind the inference: nine calls in ten within the 100 ms bar. The single
-    # slowest call is the benchmark's to record (benchmarks/server.py): on a shared VM one call in
-    # dozens can lose 100 ms to the other guests, which says nothing about the server.
-    ms = sorted(round(x * 1000) for x in busy_latencies)
-    assert np.percentile(ms, 90) < 100 and np.median(ms) < 50, f"/info/ latencies while the model ran (ms): {ms}"
+    assert_info_not_queued(busy_latencies)
 
 
 # -- what the server refuses ------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from server_helpers import (IdentityProvider, make_checkpoint, monailabel_server, parse_multipart, read_nifti_bytes,
-                            require_ingestion, same_geometry, write_dicom_series, write_nifti_study)
+from server_helpers import (IdentityProvider, assert_info_not_queued, make_checkpoint, monailabel_server, parse_multipart,
+                            read_nifti_bytes, require_ingestion, same_geometry, write_dicom_series, write_nifti_study)
 
 N_STUDIES = 4
 TEXTS = ["mass effect", "intracranial hemorrhage", "normal brain", "acute infarct", "white matter lesions"]
@@ -101,10 +101,7 @@ def test_info_does_not_wait_for_the_model_to_finish(server):
             if len(busy) >= 10:
                 break
     assert len(busy) >= 10, f"only {len(busy)} /info/ calls overlapped an inference"
-    # not queued behind the inference: nine calls in ten within the 100 ms bar (the slowest single call
-    # is the benchmark's to record; on a shared VM one call in dozens can lose 100 ms to other guests)
-    ms = sorted(round(1000 * x) for x in busy)
-    assert np.percentile(ms, 90) < 100 and np.median(ms) < 50, f"/info/ latencies while the model ran (ms): {ms}"
+    assert_info_not_queued(busy)
 
 
 def test_200_requests_from_8_clients_all_succeed_without_memory_growth(server):

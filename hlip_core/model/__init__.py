@@ -7,6 +7,6 @@ from .text import ReportTokenizer, TextTower, train_wordpiece
 
 __all__ = [
     "CheckpointMismatchError", "HLIPModel", "HierarchicalViT", "ReportTokenizer", "TextTower", "autocast",
-    "cpu_has_native_bf16", "create_model", "get_config", "list_configs", "load", "load_official_checkpoint", "read_config", "save",
-    "train_wordpiece",
+    "cpu_has_native_bf16", "create_model", "get_config", "list_configs", "load", "load_official_checkpoint",
+    "read_config", "save", "train_wordpiece",
 ]
