@@ -446,21 +446,27 @@ def test_attacks_touch_no_file_outside_the_datastore_and_the_cache(server, tmp_p
 
 
 def test_the_cache_fills_in_the_background_without_holding_requests(server):
-    """Four study folders copied in while the server runs, each taking the model 0.4 s to embed:
-    a findings request and a search are answered while the cache is still filling, and the new
-    studies are then embedded and searchable."""
+    """Four study folders copied in while the server runs; each embedding waits for a permit, so
+    the test decides when the background work moves. A search (text tower only) is answered while
+    the first new study is held mid-embedding; a findings request that arrives then is answered as
+    soon as that one study is done, before the next starts: it waits for the study in progress,
+    never for the queue. Then the new studies are embedded and searchable."""
     import shutil
+    import threading
 
     client, service, studies = server["client"], server["service"], server["studies"]
     indexer = service.indexer
     embed = indexer.embed_fn
+    permits = threading.Semaphore(0)
 
-    def slow_embed(study):
-        time.sleep(0.4)
+    def held_embed(study):
+        # The timeout turns a request stuck behind the queue into a failed assertion below, not a hang.
+        permits.acquire(timeout=20)
         return embed(study)
 
-    indexer.embed_fn = slow_embed
+    indexer.embed_fn = held_embed
     added = [f"added{i}" for i in range(4)]
+    answers: list = []
     try:
         infer(client, "nifti1", {"findings": ["mass effect"]})  # the study is loaded and prepared
         for i, name in enumerate(added):
@@ -470,14 +476,21 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
         while indexer.counts()["embedding"] is None:
             assert time.monotonic() < deadline, "the new studies were not picked up"
             time.sleep(0.02)
-        start = time.perf_counter()
-        answer = infer(client, "nifti1", {"findings": ["a finding asked while the cache fills"]})
-        elapsed = time.perf_counter() - start
-        found = client.get("/hlip/search", params={"text": "mass effect"})
+        found = client.get("/hlip/search", params={"text": "a search made while the cache fills"})
+        assert found.status_code == 200 and indexer.counts()["pending"] == len(added), "the search waited for the background work"
+        request = threading.Thread(target=lambda: answers.append(infer(client, "nifti1", {"findings": ["a finding asked while the cache fills"]})))
+        request.start()
+        deadline = time.monotonic() + 10
+        while service.worker.status()["waiting"] < 1:
+            assert time.monotonic() < deadline, f"the findings request never reached the model: {service.worker.status()}"
+            time.sleep(0.02)
+        permits.release()  # the study in progress may finish; the next one is held
+        request.join(timeout=60)
         pending = indexer.counts()["pending"]
-        assert answer.status_code == 200 and found.status_code == 200
-        assert pending >= 2, f"the request waited for the background work ({pending} studies pending when it was answered)"
-        assert elapsed < 1.5, f"a findings request took {elapsed:.2f} s while the cache filled"
+        permits.release(len(added))
+        assert answers and answers[0].status_code == 200, "the findings request was not answered"
+        assert pending == len(added) - 1, (
+            f"the findings request waited for the background queue ({pending} of {len(added)} new studies pending when answered)")
         deadline = time.monotonic() + 30
         while indexer.counts()["pending"]:
             assert time.monotonic() < deadline, f"the new studies were not embedded: {service.status()}"
@@ -487,6 +500,7 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
         found = client.get("/hlip/search", params={"text": "mass effect", "k": 20}).json()
         assert set(added) <= {r["study_id"] for r in found["results"]}
     finally:
+        permits.release(len(added))
         indexer.embed_fn = embed
         for name in added:
             shutil.rmtree(studies / name, ignore_errors=True)
