@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from hlip_core.eval import ZeroShotClassifier, findings_from_text
+from hlip_core.eval import ZeroShotClassifier, findings_from_text, load_prompt_set
 from hlip_core.eval.saliency import relevance_maps
 
 from planted import LESION
@@ -22,6 +22,38 @@ def test_zero_shot_beats_chance_on_held_out_studies(lesion_model, held_out):
     p, c = out["probability"][:, 0].numpy(), out["cosine"][:, 0].numpy()
     higher_cosine = c[:, None] > c[None, :]
     assert (p[:, None] >= p[None, :])[higher_cosine].all()  # never ranked the other way (ties allowed where p saturates)
+
+
+def test_an_ensemble_of_phrasings_is_the_mean_over_phrasings_and_templates(lesion_model, held_out, tmp_path):
+    import json
+
+    import torch.nn.functional as F
+
+    templates = ["{}.", "The study shows {}."]
+    phrasings = ("bright lesion", "a bright focal lesion", "hyperintense lesion")
+    clf = ZeroShotClassifier(lesion_model, templates=templates)
+    with torch.no_grad():
+        each = F.normalize(lesion_model.encode_text([t.format(p) for p in phrasings for t in templates]).float(), dim=-1)
+    got = clf.embed_prompts([phrasings, "bright lesion", ("bright lesion",)])
+    assert torch.allclose(got[0], F.normalize(each.mean(0), dim=-1), atol=1e-5)
+    assert torch.allclose(got[1], got[2])  # an ensemble of one phrasing is that phrasing
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+    with pytest.raises(ValueError, match="empty ensemble"):
+        clf.embed_prompts([()])
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"name": "lesion", "templates": templates, "findings": [
+        {"name": "lesion", "positive": list(phrasings), "negative": ["no bright lesion", "no focal lesion"]}]}))
+    finding = load_prompt_set(path).findings[0]
+    assert finding.positive == phrasings and finding.negative == ("no bright lesion", "no focal lesion")
+    x, y, _ = held_out
+    with torch.no_grad():
+        z = lesion_model.encode_study(x)
+    out = clf.scores(z, [finding])
+    negatives = clf.embed_prompts([finding.negative])
+    expected = F.normalize(z.float(), dim=-1) @ (got[0] - negatives[0])
+    assert torch.allclose(out["cosine"][:, 0], expected, atol=1e-5)
+    assert roc_auc_score(y, out["cosine"][:, 0].numpy()) > 0.75
 
 
 def test_heat_map_peaks_on_the_planted_lesion(lesion_model, held_out):

@@ -1,5 +1,6 @@
 """Metrics, thresholds, retrieval and prompt sets, on known inputs."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +115,28 @@ def test_free_text_findings_are_checked():
         findings_from_text(["x" * 301])
     with pytest.raises(KeyError, match="unknown prompt set"):
         load_prompt_set("mimic")
+
+
+@pytest.mark.parametrize("positive, negative, problem", [
+    ([], "no mass", "positive prompt of []"),
+    ("mass", ["no mass", ""], "negative prompt of ['no mass', '']"),
+    (3, "no mass", "positive prompt of 3"),
+    (None, "no mass", "positive prompt of None"),
+])
+def test_a_prompt_set_with_a_bad_phrasing_is_refused_naming_the_finding(tmp_path, positive, negative, problem):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"name": "x", "findings": [{"name": "mass", "positive": positive, "negative": negative}]}))
+    with pytest.raises(ValueError, match=re.escape(f"finding 'mass' has a {problem}")):
+        load_prompt_set(path)
+
+
+def test_a_prompt_set_keeps_one_phrasing_as_text_and_several_as_an_ensemble(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"name": "x", "mode": "multiclass", "findings": [
+        {"name": "a", "positive": ["glioma"]}, {"name": "b", "positive": ["meningioma", "extra-axial mass"]}]}))
+    a, b = load_prompt_set(path).findings
+    assert (a.positive, a.negative) == ("glioma", None)
+    assert b.positive == ("meningioma", "extra-axial mass")
 
 
 def test_approximate_search_finds_what_exact_search_finds_reading_a_fraction(tmp_path):

@@ -1,8 +1,10 @@
 """Zero-shot findings: free-text prompts scored against study embeddings.
 
-Binary findings compare a positive and a negative prompt ("X" vs "no X"), each optionally averaged
-over an ensemble of templates ("{}.", "The study shows {}."), with a softmax over the pair as in the
-HLIP paper; the raw cosine scores (positive minus negative) are returned too. Multi-class prompt sets
+Binary findings compare a positive and a negative prompt ("X" vs "no X"), with a softmax over the pair
+as in the HLIP paper; the raw cosine scores (positive minus negative) are returned too. Each side may
+be one phrasing or several ("intraparenchymal haemorrhage" and "intracerebral haemorrhage"), and each
+phrasing may be put in several templates ("{}.", "The study shows {}."): the side's embedding is the
+mean of all of them, as in CLIP's prompt ensembles, which depends less on any one wording. Multi-class prompt sets
 (one prompt per class, e.g. Pub-Brain-5) take a softmax over the classes.
 
 Prompt sets of the public benchmarks are JSON files in ``prompts/`` (see ``load_prompt_set``).
@@ -22,12 +24,25 @@ MAX_FINDING_CHARS = 300
 
 @dataclass
 class Finding:
-    """One finding to score. ``negative`` is None for the classes of a multi-class set."""
+    """One finding to score. ``positive`` and ``negative`` are a phrasing or a tuple of phrasings
+    (an ensemble, averaged); ``negative`` is None for the classes of a multi-class set."""
 
     name: str
-    positive: str
-    negative: str | None = None
+    positive: str | tuple[str, ...]
+    negative: str | tuple[str, ...] | None = None
     column: str | None = None
+
+
+def _prompt(value, finding: str, side: str, source) -> str | tuple[str, ...] | None:
+    """A prompt set's positive/negative entry: a string, or a non-empty list of strings."""
+    if value is None and side == "negative":
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return value[0] if len(value) == 1 else tuple(value)
+    raise ValueError(f"prompt set {source}: finding {finding!r} has a {side} prompt of {value!r}; "
+                     "give a phrasing or a non-empty list of phrasings")
 
 
 @dataclass
@@ -56,7 +71,9 @@ def load_prompt_set(name_or_path: str | Path) -> PromptSet:
         if str(name_or_path) not in benchmark_names():
             raise KeyError(f"unknown prompt set {name_or_path!r}; known: {', '.join(benchmark_names())} (or a .json file)")
         data = json.loads((resources.files(__package__) / "prompts" / f"{name_or_path}.json").read_text())
-    findings = [Finding(f["name"], f["positive"], f.get("negative"), f.get("column", f["name"])) for f in data["findings"]]
+    findings = [Finding(f["name"], _prompt(f.get("positive"), f["name"], "positive", name_or_path),
+                        _prompt(f.get("negative"), f["name"], "negative", name_or_path), f.get("column", f["name"]))
+                for f in data["findings"]]
     return PromptSet(data["name"], findings, data.get("templates", ["{}."]), data.get("mode", "binary"),
                      data.get("id_column"), data.get("description", ""), data.get("readers"))
 
@@ -89,17 +106,23 @@ class ZeroShotClassifier:
         self.cache_size = cache_size
 
     @torch.no_grad()
-    def embed_prompts(self, texts: list[str]) -> torch.Tensor:
-        """Template-ensembled, normalised text embeddings [len(texts), E] (cached per text)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+    def embed_prompts(self, texts: list[str | tuple[str, ...]]) -> torch.Tensor:
+        """Normalised text embeddings [len(texts), E], cached per prompt. A prompt is a phrasing or
+        a tuple of phrasings; its embedding is the normalised mean over its phrasings and the
+        templates."""
+        prompts = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
+        if any(not p for p in prompts):
+            raise ValueError("an empty ensemble of phrasings was given as a prompt")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            filled = [tpl.format(t) for t in missing for tpl in self.templates]
-            z = self.model.encode_text(filled).float().reshape(len(missing), len(self.templates), -1)
-            z = F.normalize(F.normalize(z, dim=-1).mean(dim=1), dim=-1).cpu()
+            filled = [tpl.format(t) for p in missing for t in p for tpl in self.templates]
+            z = F.normalize(self.model.encode_text(filled).float(), dim=-1)
+            sizes = [len(p) * len(self.templates) for p in missing]
+            z = torch.stack([F.normalize(part.mean(dim=0), dim=-1) for part in z.split(sizes)]).cpu()
             if len(self._cache) + len(missing) > self.cache_size:
                 self._cache.clear()
             self._cache.update(zip(missing, z))
-        return torch.stack([self._cache[t] for t in texts])
+        return torch.stack([self._cache[p] for p in prompts])
 
     @torch.no_grad()
     def scores(self, study_embeddings: torch.Tensor, findings: list[Finding], mode: str = "binary") -> dict[str, torch.Tensor]:
