@@ -117,6 +117,19 @@ def test_masking_follows_bert_and_never_masks_special_tokens():
     assert torch.equal(inputs[~chosen], ids[~chosen])
 
 
+def test_random_replacements_skip_special_ids_that_are_not_the_lowest():
+    # BiomedBERT's layout: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103
+    special = [0, 100, 101, 102, 103]
+    ids = torch.randint(104, 300, (512, 200), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, -1] = 101, 102
+    inputs, targets = mask_tokens(ids, torch.ones_like(ids), special, mask_id=103, vocab=300,
+                                  generator=torch.Generator().manual_seed(0))
+    swapped = inputs[(inputs != ids) & (targets != -100) & (inputs != 103)]
+    assert len(swapped) > 1000
+    assert not torch.isin(swapped, torch.tensor(special)).any()
+    assert swapped.min() < 100 and swapped.max() > 200  # ordinary ids on both sides of the special block
+
+
 @pytest.mark.parametrize("pooling", ["mean", "sentence"])
 def test_pretraining_lowers_the_masked_token_loss_on_held_out_reports(pooling):
     train, held = reports(60, seed=1), reports(20, seed=2)

@@ -100,7 +100,9 @@ class SentenceTokens:
 
 def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: Sequence[int], mask_id: int, vocab: int,
                 generator: torch.Generator, rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking: (inputs [B, L], targets [B, L] with -100 where nothing is predicted)."""
+    """BERT's masking: (inputs [B, L], targets [B, L] with -100 where nothing is predicted). The
+    random replacement tokens are drawn from the vocabulary without the special ids, wherever those
+    sit (BiomedBERT's [UNK], [CLS], [SEP] and [MASK] are ids 100-103, not the lowest)."""
     candidates = attention.bool() & ~torch.isin(ids, torch.tensor(list(special)))
     chosen = (torch.rand(ids.shape, generator=generator) < rate) & candidates
     targets = torch.where(chosen, ids, torch.full_like(ids, -100))
@@ -108,7 +110,10 @@ def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: Sequence[in
     inputs = ids.clone()
     inputs[chosen & (draw < 0.8)] = mask_id
     swap = chosen & (draw >= 0.8) & (draw < 0.9)
-    inputs[swap] = torch.randint(len(special), vocab, (int(swap.sum()),), generator=generator)
+    ordinary = torch.ones(vocab, dtype=torch.bool)
+    ordinary[torch.tensor(list(special))] = False
+    pool = ordinary.nonzero().flatten()
+    inputs[swap] = pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator)]
     return inputs, targets
 
 
