@@ -87,7 +87,8 @@ def test_a_full_queue_refuses_at_once_with_a_retry_time(worker):
     start = time.perf_counter()
     with pytest.raises(QueueFull) as e:
         worker.submit(lambda: 3)
-    assert time.perf_counter() - start < 0.1 and e.value.retry_after >= 1 and "queue is full" in str(e.value)
+    # refused at once: a submission that waited for room would wait for the gate, opened below
+    assert time.perf_counter() - start < 2.0 and e.value.retry_after >= 1 and "queue is full" in str(e.value)
     worker.submit(lambda: "background", BACKGROUND)  # the embedding cache is not refused
     gate.set()
     assert [f.result(5) for f in waiting] == [1, 2] and running.result(5) is True
