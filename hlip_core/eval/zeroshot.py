@@ -4,8 +4,8 @@ Binary findings compare a positive and a negative prompt ("X" vs "no X"), with a
 as in the HLIP paper; the raw cosine scores (positive minus negative) are returned too. Each side may
 be one phrasing or several ("intraparenchymal haemorrhage" and "intracerebral haemorrhage"), and each
 phrasing may be put in several templates ("{}.", "The study shows {}."): the side's embedding is the
-mean of all of them, as in CLIP's prompt ensembles, which depends less on any one wording. Multi-class prompt sets
-(one prompt per class, e.g. Pub-Brain-5) take a softmax over the classes.
+mean of all of them, as in CLIP's prompt ensembles, which depends less on any one wording.
+Multi-class prompt sets (one prompt per class, e.g. Pub-Brain-5) take a softmax over the classes.
 
 Prompt sets of the public benchmarks are JSON files in ``prompts/`` (see ``load_prompt_set``).
 """
