@@ -1,7 +1,10 @@
 """Zero-shot findings and heat maps of a tiny model trained (in this session) to find a planted lesion."""
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from hlip_core.eval import ZeroShotClassifier, findings_from_text, load_prompt_set
@@ -25,10 +28,6 @@ def test_zero_shot_beats_chance_on_held_out_studies(lesion_model, held_out):
 
 
 def test_an_ensemble_of_phrasings_is_the_mean_over_phrasings_and_templates(lesion_model, held_out, tmp_path):
-    import json
-
-    import torch.nn.functional as F
-
     templates = ["{}.", "The study shows {}."]
     phrasings = ("bright lesion", "a bright focal lesion", "hyperintense lesion")
     clf = ZeroShotClassifier(lesion_model, templates=templates)

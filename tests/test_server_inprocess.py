@@ -459,7 +459,6 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
     soon as that one study is done, before the next starts: it waits for the study in progress,
     never for the queue. Then the new studies are embedded and searchable."""
     import shutil
-    import threading
 
     client, service, studies = server["client"], server["service"], server["studies"]
     indexer = service.indexer

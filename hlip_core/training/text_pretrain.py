@@ -103,7 +103,8 @@ def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: Sequence[in
     """BERT's masking: (inputs [B, L], targets [B, L] with -100 where nothing is predicted). The
     random replacement tokens are drawn from the vocabulary without the special ids, wherever those
     sit (BiomedBERT's [UNK], [CLS], [SEP] and [MASK] are ids 100-103, not the lowest)."""
-    candidates = attention.bool() & ~torch.isin(ids, torch.tensor(list(special)))
+    special_ids = torch.tensor(list(special))
+    candidates = attention.bool() & ~torch.isin(ids, special_ids)
     chosen = (torch.rand(ids.shape, generator=generator) < rate) & candidates
     targets = torch.where(chosen, ids, torch.full_like(ids, -100))
     draw = torch.rand(ids.shape, generator=generator)
@@ -111,7 +112,7 @@ def mask_tokens(ids: torch.Tensor, attention: torch.Tensor, special: Sequence[in
     inputs[chosen & (draw < 0.8)] = mask_id
     swap = chosen & (draw >= 0.8) & (draw < 0.9)
     ordinary = torch.ones(vocab, dtype=torch.bool)
-    ordinary[torch.tensor(list(special))] = False
+    ordinary[special_ids] = False
     pool = ordinary.nonzero().flatten()
     inputs[swap] = pool[torch.randint(len(pool), (int(swap.sum()),), generator=generator)]
     return inputs, targets
