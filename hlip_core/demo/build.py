@@ -54,7 +54,7 @@ class DemoData:
 
 
 def prompts_path() -> Path:
-    """The demo's zero-shot prompt set (one positive and one negative prompt per finding)."""
+    """The demo's zero-shot prompt set (per finding, positive and negative phrasings, each side an ensemble)."""
     return Path(str(resources.files(__package__) / "prompts.json"))
 
 
