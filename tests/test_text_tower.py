@@ -59,6 +59,58 @@ def test_sentence_pooling_encodes_a_report_as_the_mean_of_its_sentences():
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)  # padding in a batch does not either
 
 
+def _locked(model):
+    for p in model.text.transformer.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_a_locked_tower_caches_its_sentences_exactly():
+    model = _locked(model_with("sentence"))
+    texts = [" ".join(r) for r in reports(12, 5)] + ["no mass.", "this mri study shows: " + " ".join(reports(1, 6)[0]) * 4]
+    with torch.no_grad():
+        plain = model.encode_text(texts, normalize=False)
+        model.text.cache_sentences()
+        calls = []
+        hook = model.text.transformer.register_forward_hook(lambda m, i, o: calls.append(1))
+        first = model.encode_text(texts, normalize=False)
+        again = model.encode_text(list(reversed(texts)), normalize=False)
+        hook.remove()
+    assert len(model.text.sentence_cache) > 10
+    assert len(calls) == 1  # the second batch holds no new sentence: the transformer is not run
+    torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)  # truncated long text included
+    torch.testing.assert_close(again, plain.flip(0), atol=1e-5, rtol=1e-5)
+    # the projection still trains through the cached states
+    model.text.proj.weight.grad = None
+    model.encode_text(texts[:3]).sum().backward()
+    assert model.text.proj.weight.grad.abs().sum() > 0
+
+
+def test_a_small_sentence_cache_drops_old_sentences_and_stays_exact():
+    model = _locked(model_with("sentence"))
+    texts = [" ".join(r) for r in reports(6, 7)]
+    with torch.no_grad():
+        plain = model.encode_text(texts, normalize=False)
+        model.text.cache_sentences(max_sentences=2)
+        cached = model.encode_text(texts, normalize=False)
+        cached_again = model.encode_text(texts, normalize=False)
+    assert len(model.text.sentence_cache) == 2
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached_again, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_locked_dropout_free_sentence_tower_caches():
+    with pytest.raises(ValueError, match="trainable"):
+        model_with("sentence").text.cache_sentences()
+    with pytest.raises(ValueError, match="only sentence pooling"):
+        _locked(model_with("mean")).text.cache_sentences()
+    corpus = [" ".join(r) for r in reports(40, 99)]
+    tok = tokenizer_from_vocabulary(report_vocabulary(corpus, vocab_size=200, min_frequency=1), 96)
+    dropping = _locked(hlip_core.create_model("tiny_multiscan_h2", tokenizer=tok, text={"pooling": "sentence", "dropout": 0.1}))
+    with pytest.raises(ValueError, match="dropout"):
+        dropping.text.cache_sentences()
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_other_poolings_do_not_depend_on_the_padding_of_the_batch(pooling):
     model = model_with(pooling)

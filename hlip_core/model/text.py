@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -86,6 +87,7 @@ class TextTower(nn.Module):
         self.pooling = pooling
         self.register_buffer("boundary_ids", torch.tensor(sorted(boundary_ids), dtype=torch.long), persistent=False)
         self.proj = nn.Linear(transformer.config.hidden_size, embed_dim, bias=False)
+        self.sentence_cache: SentenceCache | None = None
 
     @classmethod
     def from_config(cls, text_cfg: dict, embed_dim: int) -> "TextTower":
@@ -162,13 +164,93 @@ class TextTower(nn.Module):
         means = sums / sizes.clamp(min=1.0)[..., None]
         return (means * present[..., None]).sum(dim=1) / present.sum(dim=1, keepdim=True).clamp(min=1.0)
 
+    def cache_sentences(self, max_sentences: int = 200_000) -> None:
+        """Keep the states of sentences already encoded and encode only new ones (``sentence``
+        pooling only). A sentence's states depend on its own tokens alone, so this is exact while
+        the transformer does not change and applies no dropout: for a locked tower, which then
+        encodes a training report's sentences once, not in every step. The projection keeps
+        training. At most ``max_sentences`` are kept (least recently used go first)."""
+        if self.pooling != "sentence":
+            raise ValueError(f"only sentence pooling can cache sentences, this tower pools by {self.pooling!r}")
+        if any(p.requires_grad for p in self.transformer.parameters()):
+            raise ValueError("the text transformer is trainable; cache sentences only of a locked tower")
+        config = self.transformer.config
+        dropout = max(float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0),
+                      float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0))
+        if dropout > 0:
+            raise ValueError(f"the text transformer applies dropout ({dropout}); its sentences cannot be cached")
+        self.sentence_cache = SentenceCache(max_sentences)
+
+    def _cached_pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``pool(hidden_states(...))`` for sentence pooling, through ``sentence_cache``."""
+        cache = self.sentence_cache
+        sentence = self.sentences(input_ids, attention_mask).tolist()
+        rows = []
+        for ids, index in zip(input_ids.tolist(), sentence):
+            parts: dict[int, list[int]] = {}
+            for token, k in zip(ids, index):
+                if k >= 0:
+                    parts.setdefault(k, []).append(token)
+            if not parts:
+                raise ValueError("a text has no word between [CLS] and [SEP]")
+            rows.append([tuple(parts[k]) for k in sorted(parts)])
+        keys = list(dict.fromkeys(key for row in rows for key in row))
+        states = {key: cache.get(key) for key in keys if key in cache}
+        missing = [key for key in keys if key not in states]
+        if missing:
+            for key, state in zip(missing, self._encode_sentences(missing, input_ids.device)):
+                states[key] = state
+                cache.put(key, state)
+        return torch.stack([torch.stack([states[key] for key in row]).mean(dim=0) for row in rows])
+
+    def _encode_sentences(self, sentences: list[tuple[int, ...]], device: torch.device) -> list[torch.Tensor]:
+        """The token-mean state of each sentence, encoded alone (positions from 1, as inside a text).
+        One sentence per call, never padded: its numbers do not depend on which batch first held
+        it, so a resumed run computes exactly what an uninterrupted one did."""
+        states = []
+        with torch.no_grad():
+            for tokens in sentences:
+                ids = torch.tensor([tokens], dtype=torch.long, device=device)
+                positions = torch.arange(1, len(tokens) + 1, device=device)[None]
+                hidden = self.transformer(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions).last_hidden_state
+                states.append(hidden[0].float().mean(dim=0))
+        return states
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.ndim != 2:
             raise ValueError(f"expected token ids as [B, L], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
+        if self.sentence_cache is not None:
+            return self.proj(self._cached_pool(input_ids, attention_mask).to(self.proj.weight.dtype))
         hidden = self.hidden_states(input_ids, attention_mask)
         return self.proj(self.pool(hidden, input_ids, attention_mask))
+
+
+class SentenceCache:
+    """Sentence token ids -> that sentence's mean state, least recently used dropped past ``size``."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"a sentence cache needs room for at least one sentence, got {size}")
+        self.size = int(size)
+        self._states: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, key: tuple[int, ...]) -> bool:
+        return key in self._states
+
+    def get(self, key: tuple[int, ...]) -> torch.Tensor:
+        self._states.move_to_end(key)
+        return self._states[key]
+
+    def put(self, key: tuple[int, ...], state: torch.Tensor) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
 
 
 class ReportTokenizer:

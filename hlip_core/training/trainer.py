@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 FINAL = "final"
 
 
+def _cache_locked_sentences(text) -> None:
+    """A locked tower that encodes each sentence on its own gives a sentence the same states in every
+    step: encode it once (exact; about a tenth of the demo's step time). Towers that still train,
+    apply dropout or pool otherwise are left as they are."""
+    try:
+        text.cache_sentences()
+    except ValueError as why:
+        log.info("text sentences are encoded in every step: %s", why)
+    else:
+        log.info("locked text tower: each sentence is encoded once and its states reused")
+
+
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient) stopped being a finite number; the run stopped before using it."""
 
@@ -217,6 +229,7 @@ class Trainer:
         self._check_scan_counts(model)
         if cfg.lock_text:
             lock_text_tower(model, cfg.lock_text_unlocked_layers)
+            _cache_locked_sentences(model.text)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
 
