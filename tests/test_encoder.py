@@ -250,3 +250,76 @@ def test_bad_configuration_is_named():
     single = build_trunk(get_config("tiny_singlescan_h2")["vision"])
     with pytest.raises(ValueError, match="single-scan"):
         single(torch.randn(1, 2, 1, 32, 64, 64))
+
+
+# -- the two-stage (mlp) patch embedding ---------------------------------------------------------
+
+def _mlp_stem_reference(stem, x, mean, std):
+    """The mlp stem written the long way: the sub-patch layer as a strided convolution, each patch's
+    sub-patch features gathered in (depth, height, width) order, the means by average pooling."""
+    z = (x.double() / (255.0 if x.dtype == torch.uint8 else 1.0) - mean) / std
+    s = stem.sub_patch
+    w = stem.sub.weight.double().reshape(-1, x.shape[1], *s)
+    f = torch.nn.functional.conv3d(z, w, stem.sub.bias.double(), stride=s)  # [V, C1, D/s1, H/s2, W/s3]
+    f = torch.nn.functional.gelu(f.movedim(1, -1))
+    m = torch.nn.functional.avg_pool3d(z, s).movedim(1, -1)  # [V, D/s1, H/s2, W/s3, C]
+    a, b, c = stem.counts
+    V, D, H, W = x.shape[0], *(n // p for n, p in zip(x.shape[2:], stem.patch_size))
+    out = torch.zeros(V, D, H, W, stem.proj.out_features, dtype=torch.float64)
+    for i in range(D):
+        for j in range(H):
+            for k in range(W):
+                block = f[:, i * a:(i + 1) * a, j * b:(j + 1) * b, k * c:(k + 1) * c]  # [V, a, b, c, C1]
+                means = m[:, i * a:(i + 1) * a, j * b:(j + 1) * b, k * c:(k + 1) * c]
+                out[:, i, j, k] = (block.reshape(V, -1) @ stem.proj.weight.double().T + stem.proj.bias.double()
+                                   + means.reshape(V, -1) @ stem.means.weight.double().T)
+    return out
+
+
+@pytest.mark.parametrize("in_chans", [1, 2])
+def test_mlp_stem_matches_the_long_way(in_chans):
+    from hlip_core.model.encoder import MLPPatchEmbed3D
+    torch.manual_seed(0)
+    stem = MLPPatchEmbed3D((4, 8, 8), in_chans, 16, sub_patch=(2, 4, 2), channels=6)
+    with torch.no_grad():
+        for p in stem.parameters():
+            p.normal_(std=0.3)
+    x = torch.randint(0, 256, (3, in_chans, 8, 16, 24), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = stem(x, 0.449, 0.226)
+        floats = stem(x.float() / 255.0, 0.449, 0.226)
+    assert ours.shape == (3, 2, 2, 3, 16)
+    torch.testing.assert_close(ours.double(), _mlp_stem_reference(stem, x, 0.449, 0.226), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(floats, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stem, words", [
+    ({"kind": "mlp", "sub_patch": [3, 8, 8]}, "divide the patch size"),
+    ({"kind": "mlp", "sub_patch": [2, 8]}, "3 sizes"),
+    ({"kind": "mlp"}, "sub_patch (required)"),
+    ({"kind": "mlp", "sub_patch": [2, 8, 8], "channels": 0}, "at least one channel"),
+    ({"kind": "mlp", "sub_patch": [2, 8, 8], "width": 3}, "takes sub_patch"),
+    ({"kind": "conv"}, "unknown stem kind 'conv'"),
+    ({"kind": "linear", "channels": 3}, "takes no options"),
+])
+def test_bad_stem_configurations_are_named(stem, words):
+    vision = dict(img_size=[16, 32, 32], patch_size=[8, 16, 16], width=32, depth=2, num_heads=4, levels=["scan", "study"],
+                  stem=stem)
+    with pytest.raises(ValueError) as err:
+        build_trunk(vision)
+    assert words in str(err.value)
+
+
+def test_mlp_stem_model_round_trips_and_learns_through_both_paths(tmp_path):
+    torch.manual_seed(0)
+    model = hlip_core.create_model("tiny_multiscan_h2_mlpstem")
+    stem = model.visual.trunk.patch_embed
+    assert type(stem).__name__ == "MLPPatchEmbed3D"
+    x = torch.randint(0, 256, (2, 2, 1, 32, 64, 64), dtype=torch.uint8)
+    model.encode_study(x).square().sum().backward()
+    for name in ("sub.weight", "sub.bias", "proj.weight", "means.weight"):
+        assert stem.get_parameter(name).grad.abs().sum() > 0, name
+    model.eval()
+    loaded = hlip_core.load(hlip_core.save(model, tmp_path / "ckpt"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_study(x), model.encode_study(x), atol=0, rtol=0)

@@ -28,6 +28,7 @@ def build_trunk(vision: dict) -> HierarchicalViT:
         patch_dropout=float(vision.get("patch_dropout", 0.0)),
         input_mean=float(vision.get("input_mean", 0.449)),
         input_std=float(vision.get("input_std", 0.226)),
+        stem=vision.get("stem"),
     )
 
 

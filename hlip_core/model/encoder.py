@@ -150,6 +150,76 @@ class PatchEmbed3D(nn.Module):
         return F.linear(patches, weight, bias)
 
 
+class MLPPatchEmbed3D(nn.Module):
+    """A two-stage (hierarchical MLP) patch embedding: [V, in_chans, D, H, W] -> [V, d, h, w, C].
+
+    Each patch is cut into sub-patches of ``sub_patch`` voxels. Every sub-patch is embedded on its
+    own (``sub``: linear to ``channels``, then GELU), and the features of all sub-patches of a patch
+    are merged into its token by ``proj`` (linear), after the hMLP stem of Touvron et al. (2022):
+    the non-linearity lets a token say *that* a sub-patch holds a small bright or dark focus,
+    wherever in the patch it lies, which one linear map of the whole patch can only approximate.
+    ``means`` (linear, from the mean intensity of every sub-patch) adds each sub-patch's plain
+    brightness, how much CSF or tissue it holds, to the token. Tokens never mix across patches, so
+    position tables, patch dropout and the attention levels see the same token grid as with
+    ``PatchEmbed3D``.
+
+    ``forward(x, mean, std)`` embeds ``(x - mean) / std`` with the standardisation folded into the
+    weights, and reads uint8 as ``x / 255``, as ``PatchEmbed3D`` does.
+    """
+
+    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, dim: int, sub_patch: tuple[int, int, int],
+                 channels: int):
+        super().__init__()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.sub_patch = tuple(int(s) for s in sub_patch)
+        if len(self.sub_patch) != 3 or any(s < 1 or p % s for p, s in zip(self.patch_size, self.sub_patch)):
+            raise ValueError(f"the stem's sub_patch {list(sub_patch)} must be 3 sizes that divide the patch size "
+                             f"{list(self.patch_size)}")
+        if int(channels) < 1:
+            raise ValueError(f"the stem needs at least one channel per sub-patch, got {channels}")
+        self.counts = tuple(p // s for p, s in zip(self.patch_size, self.sub_patch))
+        n_sub = self.counts[0] * self.counts[1] * self.counts[2]
+        self.sub = nn.Linear(in_chans * self.sub_patch[0] * self.sub_patch[1] * self.sub_patch[2], int(channels))
+        self.proj = nn.Linear(n_sub * int(channels), dim)
+        self.means = nn.Linear(n_sub * in_chans, dim, bias=False)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+        V, C, D, H, W = x.shape
+        d, h, w = (n // p for n, p in zip((D, H, W), self.patch_size))
+        (a, b, c), (s1, s2, s3) = self.counts, self.sub_patch
+        # sub-patches [V, d, h, w, a*b*c, C*s1*s2*s3], cut before the conversion (a uint8 copy)
+        subs = x.reshape(V, C, d, a, s1, h, b, s2, w, c, s3).permute(0, 2, 5, 8, 3, 6, 9, 1, 4, 7, 10)
+        subs = subs.reshape(V, d, h, w, a * b * c, C * s1 * s2 * s3)
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
+        weight, bias = self.sub.weight, self.sub.bias
+        if not subs.is_floating_point():
+            subs = subs.to(weight.dtype)
+        # sub(((x / scale) - mean) / std) = (W / (scale std)) x + (b - (mean / std) sum(W))
+        features = F.linear(subs, weight / (std * scale), bias - (mean / std) * weight.sum(dim=1))
+        tokens = self.proj(F.gelu(features).reshape(V, d, h, w, -1))
+        means = subs.reshape(V, d, h, w, a * b * c, C, -1).mean(dim=-1).reshape(V, d, h, w, -1)
+        return tokens + self.means((means / scale - mean) / std)
+
+
+def make_patch_embed(patch_size: tuple[int, int, int], in_chans: int, dim: int, stem: dict | None = None) -> nn.Module:
+    """The patch embedding a configuration's ``vision.stem`` asks for: none (or kind "linear") is
+    ``PatchEmbed3D``, HLIP's and timm's; ``{"kind": "mlp", "sub_patch": [d, h, w], "channels": n}``
+    is ``MLPPatchEmbed3D``."""
+    stem = dict(stem or {})
+    kind = stem.pop("kind", "linear")
+    if kind == "linear":
+        if stem:
+            raise ValueError(f"the linear stem takes no options, got {sorted(stem)}")
+        return PatchEmbed3D(patch_size, in_chans, dim)
+    if kind == "mlp":
+        unknown = set(stem) - {"sub_patch", "channels"}
+        if unknown or "sub_patch" not in stem:
+            raise ValueError(f"the mlp stem takes sub_patch (required) and channels; got {sorted(stem)}")
+        return MLPPatchEmbed3D(patch_size, in_chans, dim, tuple(stem["sub_patch"]), int(stem.get("channels", 32)))
+    raise ValueError(f"unknown stem kind {kind!r}; expected 'linear' or 'mlp'")
+
+
 @dataclass
 class _Layout:
     """Where the valid scans of a batch sit: B studies of N slots, V valid scans of S x T tokens."""
@@ -194,6 +264,8 @@ class HierarchicalViT(nn.Module):
     standardised to (x - input_mean) / input_std by the patch embedding, as the public HLIP
     training did (the mean of ImageNet's channel means and standard deviations); released weights
     expect it.
+    stem: the patch embedding (``make_patch_embed``): None for HLIP's linear one (released weights
+    have it), or ``{"kind": "mlp", "sub_patch": [d, h, w], "channels": n}`` for ``MLPPatchEmbed3D``.
     """
 
     def __init__(
@@ -210,6 +282,7 @@ class HierarchicalViT(nn.Module):
         patch_dropout: float = 0.0,
         input_mean: float = 0.449,
         input_std: float = 0.226,
+        stem: dict | None = None,
     ):
         super().__init__()
         for i, (s, p) in enumerate(zip(img_size, patch_size)):
@@ -225,7 +298,7 @@ class HierarchicalViT(nn.Module):
         self.patch_dropout = patch_dropout
         self.input_mean, self.input_std = float(input_mean), float(input_std)
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed3D(self.patch_size, in_chans, width)
+        self.patch_embed = make_patch_embed(self.patch_size, in_chans, width, stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.spatial_posemb = nn.Parameter(sincos_3d(width, self.grid_size), requires_grad=False)
         if max_scans > 1:
