@@ -46,8 +46,8 @@ FINAL = "final"
 
 def _cache_locked_sentences(text) -> None:
     """A locked tower that encodes each sentence on its own gives a sentence the same states in every
-    step: encode it once (exact; about a tenth of the demo's step time). Towers that still train,
-    apply dropout or pool otherwise are left as they are."""
+    step: encode it once (exact; the text forward was 7% of the demo's step, benchmarks/demo_step.py).
+    Towers that still train, apply dropout or pool otherwise are left as they are."""
     try:
         text.cache_sentences()
     except ValueError as why:
