@@ -74,10 +74,11 @@ def test_a_locked_tower_caches_its_sentences_exactly():
         calls = []
         hook = model.text.transformer.register_forward_hook(lambda m, i, o: calls.append(1))
         first = model.encode_text(texts, normalize=False)
+        encoded = len(calls)
         again = model.encode_text(list(reversed(texts)), normalize=False)
         hook.remove()
-    assert len(model.text.sentence_cache) > 10
-    assert len(calls) == 1  # the second batch holds no new sentence: the transformer is not run
+    assert encoded == len(model.text.sentence_cache) > 10  # each distinct sentence encoded once, alone
+    assert len(calls) == encoded  # the second batch holds no new sentence: the transformer is not run
     torch.testing.assert_close(first, plain, atol=1e-5, rtol=1e-5)  # truncated long text included
     torch.testing.assert_close(again, plain.flip(0), atol=1e-5, rtol=1e-5)
     # the projection still trains through the cached states
