@@ -138,16 +138,22 @@ class PatchEmbed3D(nn.Module):
         pd, ph, pw = self.patch_size
         d, h, w = D // pd, H // ph, W // pw
         patches = x.reshape(V, C, d, pd, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(V, d, h, w, C * pd * ph * pw)
-        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
-        bias = self.proj.bias
-        scale = 255.0 if x.dtype == torch.uint8 else 1.0
-        if mean != 0.0 or std != 1.0 or scale != 1.0:
-            # W (x / scale - m) / s + b = (W / (scale s)) x + (b - (m / s) sum(W))
-            bias = bias - (mean / std) * weight.sum(dim=1)
-            weight = weight / (std * scale)
+        weight, bias = fold_standardisation(self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias, x.dtype,
+                                            mean, std)
         if not patches.is_floating_point():
             patches = patches.to(weight.dtype)
         return F.linear(patches, weight, bias)
+
+
+def fold_standardisation(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, mean: float, std: float):
+    """(weight, bias) of a linear layer that reads raw input of ``dtype`` (uint8 as x / 255) as if
+    it were standardised to (x - mean) / std: the standardisation folded into the weights, so the
+    input needs no second, standardised copy."""
+    scale = 255.0 if dtype == torch.uint8 else 1.0
+    if mean == 0.0 and std == 1.0 and scale == 1.0:
+        return weight, bias
+    # W (x / scale - m) / s + b = (W / (scale s)) x + (b - (m / s) sum(W))
+    return weight / (std * scale), bias - (mean / std) * weight.sum(dim=1)
 
 
 class MLPPatchEmbed3D(nn.Module):
@@ -191,14 +197,12 @@ class MLPPatchEmbed3D(nn.Module):
         # sub-patches [V, d, h, w, a*b*c, C*s1*s2*s3], cut before the conversion (a uint8 copy)
         subs = x.reshape(V, C, d, a, s1, h, b, s2, w, c, s3).permute(0, 2, 5, 8, 3, 6, 9, 1, 4, 7, 10)
         subs = subs.reshape(V, d, h, w, a * b * c, C * s1 * s2 * s3)
-        scale = 255.0 if x.dtype == torch.uint8 else 1.0
-        weight, bias = self.sub.weight, self.sub.bias
+        weight, bias = fold_standardisation(self.sub.weight, self.sub.bias, x.dtype, mean, std)
         if not subs.is_floating_point():
             subs = subs.to(weight.dtype)
-        # sub(((x / scale) - mean) / std) = (W / (scale std)) x + (b - (mean / std) sum(W))
-        features = F.linear(subs, weight / (std * scale), bias - (mean / std) * weight.sum(dim=1))
-        tokens = self.proj(F.gelu(features).reshape(V, d, h, w, -1))
+        tokens = self.proj(F.gelu(F.linear(subs, weight, bias)).reshape(V, d, h, w, -1))
         means = subs.reshape(V, d, h, w, a * b * c, C, -1).mean(dim=-1).reshape(V, d, h, w, -1)
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
         return tokens + self.means((means / scale - mean) / std)
 
 
