@@ -11,6 +11,7 @@ import torch
 import hlip_core
 from hlip_core.model.text import POOLINGS, TextTower
 from hlip_core.training.config import TEXT_POOLINGS
+from hlip_core.training.optim import lock_text_tower
 from hlip_core.training.text_pretrain import SentenceTokens, mask_tokens, pretrain_text_tower
 from hlip_core.training.vocab import report_vocabulary, tokenizer_from_vocabulary
 
@@ -60,8 +61,7 @@ def test_sentence_pooling_encodes_a_report_as_the_mean_of_its_sentences():
 
 
 def _locked(model):
-    for p in model.text.transformer.parameters():
-        p.requires_grad_(False)
+    lock_text_tower(model)
     return model
 
 
