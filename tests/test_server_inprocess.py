@@ -475,8 +475,20 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
     answers: list = []
     try:
         infer(client, "nifti1", {"findings": ["mass effect"]})  # the study is loaded and prepared
+        # The copy must not race the rescan (every second here): a scan that sees two of the four
+        # folders starts embedding them and only lists the rest after the held queue is done. So the
+        # background embedding is paused while the folders are moved in whole, until the catalog
+        # lists all four, and only then let go.
+        indexer.enabled = False
+        staging = server["tmp"] / "staging"
         for i, name in enumerate(added):
-            write_nifti_study(studies / name, n_scans=1, seed=30 + i)
+            write_nifti_study(staging / name, n_scans=1, seed=30 + i)
+            (staging / name).rename(studies / name)
+        deadline = time.monotonic() + 10
+        while indexer.counts()["pending"] < len(added):
+            assert time.monotonic() < deadline, f"the new studies were not listed: {indexer.counts()}"
+            time.sleep(0.05)
+        indexer.enabled = True
         indexer.poke()
         deadline = time.monotonic() + 10
         while indexer.counts()["embedding"] is None:
@@ -508,6 +520,7 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
     finally:
         permits.release(len(added))
         indexer.embed_fn = embed
+        indexer.enabled = True
         for name in added:
             shutil.rmtree(studies / name, ignore_errors=True)
         indexer.poke()
