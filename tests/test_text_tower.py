@@ -112,6 +112,70 @@ def test_only_a_locked_dropout_free_sentence_tower_caches():
         dropping.text.cache_sentences()
 
 
+def model_with_feature_norm(mode: str = "standardise", seed: int = 0) -> hlip_core.HLIPModel:
+    corpus = [" ".join(r) for r in reports(40, 99)]
+    tok = tokenizer_from_vocabulary(report_vocabulary(corpus, vocab_size=200, min_frequency=1), 96)
+    torch.manual_seed(seed)
+    return _locked(hlip_core.create_model("tiny_multiscan_h2", tokenizer=tok, text={"pooling": "sentence", "feature_norm": mode})).eval()
+
+
+@pytest.mark.parametrize("mode", ["standardise", "whiten"])
+def test_feature_norm_normalises_the_pooled_states_and_travels_with_the_checkpoint(mode, tmp_path):
+    model = model_with_feature_norm(mode)
+    fitted = [" ".join(r) for r in reports(300, 1)]
+    other = [" ".join(r) for r in reports(6, 2)]
+    text = model.text
+    with torch.no_grad():
+        pooled = text.pooled(*model.tokenize(fitted)).double()
+        # before fitting, the normalisation is the identity
+        torch.testing.assert_close(model.encode_text(fitted, normalize=False), text.proj(pooled.float()))
+        variance = pooled.var(dim=0)
+        assert float(pooled.mean(dim=0).norm() ** 2) > float(variance.sum())  # a locked tower's states share a large common part
+        assert float(variance.max() / variance.min()) > 4  # and their dimensions vary unequally
+        text.fit_feature_norm(pooled.float())
+        mapped = (pooled - text.feature_mean.double()) @ text.feature_transform.double()
+        torch.testing.assert_close(model.encode_text(fitted, normalize=False), text.proj(mapped.float()), atol=1e-4, rtol=1e-4)
+        expected = model.encode_text(other)
+    torch.testing.assert_close(mapped.mean(dim=0), torch.zeros(96, dtype=torch.float64), atol=1e-5, rtol=0)
+    covariance = torch.cov(mapped.T)
+    before = torch.linalg.eigvalsh(torch.cov(pooled.T))
+    after = torch.linalg.eigvalsh(covariance)
+    floor = 1e-2 * float(before.max())  # directions weaker than 1% of the strongest are not blown up
+    if mode == "standardise":
+        assert torch.equal(text.feature_transform, torch.diag(torch.diagonal(text.feature_transform)))
+        torch.testing.assert_close(torch.diagonal(covariance), variance / (variance + 1e-2 * variance.max()), atol=1e-5, rtol=1e-4)
+    else:  # every principal direction of the states comes out with variance l / (l + floor): near 1 for the strong ones
+        torch.testing.assert_close(text.feature_transform, text.feature_transform.T)
+        torch.testing.assert_close(after, before.clamp(min=0) / (before.clamp(min=0) + floor), atol=1e-4, rtol=1e-3)
+    assert float(after.max() / after[after > 0.5].min()) < float(before.max() / before[before > floor].min())  # more even
+    assert model.config["text"]["feature_norm"] == mode
+    hlip_core.save(model, tmp_path / "ckpt")
+    loaded = hlip_core.load(tmp_path / "ckpt").eval()
+    assert loaded.text.feature_norm == mode
+    assert torch.equal(loaded.text.feature_mean, text.feature_mean) and torch.equal(loaded.text.feature_transform, text.feature_transform)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(other), expected)
+
+
+def test_feature_norm_is_refused_where_it_cannot_be_fitted():
+    with pytest.raises(ValueError, match="no feature_norm"):
+        model_with("sentence").text.fit_feature_norm(torch.randn(4, 96))
+    with pytest.raises(ValueError, match="feature_norm must be one of"):
+        model_with_feature_norm("zca")
+    text = model_with_feature_norm().text
+    with pytest.raises(ValueError, match=r"pooled states \[N >= 2, 96\]"):
+        text.fit_feature_norm(torch.randn(1, 96))
+    with pytest.raises(ValueError, match=r"pooled states \[N >= 2, 96\]"):
+        text.fit_feature_norm(torch.randn(5, 64))
+    # a dimension that never varies is scaled like one with 1% of the largest variance, not by 1 / 0
+    states = torch.randn(10, 96)
+    states[:, 3] = 2.0
+    text.fit_feature_norm(states)
+    top = float(states.var(dim=0).max())
+    assert torch.isfinite(text.feature_transform).all()
+    assert float(text.feature_transform[3, 3]) == pytest.approx((1e-2 * top) ** -0.5, rel=1e-3)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_other_poolings_do_not_depend_on_the_padding_of_the_batch(pooling):
     model = model_with(pooling)

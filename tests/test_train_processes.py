@@ -64,7 +64,7 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_weights_of_an_uninterrup
     # a locked sentence-pooled text tower: its sentences are cached, and the cache starts empty again
     # after the resume, so the resumed run encodes them in other batches than the straight one did
     common = dict(steps=14, batch_size=4, accum_steps=2, checkpoint_every=2, keep_checkpoints=2, progress=False, resume="auto",
-                  text_pooling="sentence", lock_text=True, model_overrides={"vision": {"patch_dropout": 0.25}})
+                  text_pooling="sentence", lock_text=True, text_feature_norm="standardise", model_overrides={"vision": {"patch_dropout": 0.25}})
     straight = pretrain(run_options(data, tmp_path / "straight", workers=1, **common))
     assert straight.returncode == 0, straight.stderr[-3000:]
 

@@ -357,16 +357,21 @@ def test_eval_during_training_reports_auc_per_finding_and_macro(tmp_path):
 def test_a_new_run_pretrains_its_text_tower_once_and_a_resumed_run_does_not_again(tmp_path):
     held = write_manifest(tmp_path / "held", studies=8, scans=(1, 2), seed=9)
     prompts = write_prompts(tmp_path / "prompts.json")
-    options = dict(text_pretrain_steps=30, text_pretrain_batch=8, text_pooling="sentence", lock_text=True,
+    options = dict(text_pretrain_steps=30, text_pretrain_batch=8, text_pooling="sentence", lock_text=True, text_feature_norm="whiten",
                    eval_data=str(held), eval_prompts=str(prompts), eval_every=4)
     first = train(_config(tmp_path, **options))
     stats = first.text_pretraining
     assert stats["steps"] == 30 and stats["last_loss"] < stats["first_loss"]
     assert stats["held_out_after"] < stats["held_out_before"]  # measured on the held-out studies' reports
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["text_pretraining"]["steps"] == 30
-    assert hlip_core.load(first.model_path).text.pooling == "sentence"
+    text = hlip_core.load(first.model_path).text
+    assert text.pooling == "sentence"
+    # the standardisation was measured on the pre-trained, locked tower's training reports
+    assert text.feature_norm == "whiten" and float(text.feature_mean.norm()) > 0 and not torch.allclose(text.feature_transform, torch.eye(96))
     resumed = train(_config(tmp_path, **options, steps=6, resume="auto"))
     assert resumed.text_pretraining is None  # the checkpoint already holds the pre-trained tower
+    again = hlip_core.load(resumed.model_path).text  # and its standardisation, kept as it was
+    assert torch.equal(again.feature_mean, text.feature_mean) and torch.equal(again.feature_transform, text.feature_transform)
 
 
 # -- options and command line ------------------------------------------------------------------
@@ -378,6 +383,10 @@ def test_impossible_options_are_refused_with_the_option_named(tmp_path):
         TrainConfig(data="x", eval_data="y").check()
     with pytest.raises(ValueError, match="no training data"):
         TrainConfig().check()
+    with pytest.raises(ValueError, match="--text-feature-norm needs --lock-text"):
+        TrainConfig(data="x", text_feature_norm="standardise").check()
+    with pytest.raises(ValueError, match="--text-feature-norm must be standardise or whiten"):
+        TrainConfig(data="x", lock_text=True, text_feature_norm="zca").check()
 
 
 def test_help_documents_every_option_with_its_default():

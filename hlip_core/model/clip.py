@@ -120,7 +120,8 @@ def create_model(config_name: str, tokenizer: ReportTokenizer | None = None, tex
         if tokenizer is None:
             tokenizer = ReportTokenizer.load(text_folder, int(config["text"].get("context_length", 256)))
         boundaries = sentence_boundary_ids(tokenizer) if pooling == "sentence" else []
-        text_tower = TextTower.from_hf_folder(text_folder, int(config["embed_dim"]), pooling=pooling, boundary_ids=boundaries)
+        text_tower = TextTower.from_hf_folder(text_folder, int(config["embed_dim"]), pooling=pooling, boundary_ids=boundaries,
+                                              feature_norm=config["text"].get("feature_norm"))
         if boundaries:
             config["text"]["sentence_boundary_ids"] = boundaries
         config["text"].update(

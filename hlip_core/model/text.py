@@ -48,6 +48,7 @@ def _bert_config(text_cfg: dict):
 
 
 POOLINGS = ("cls", "mean", "sentence")
+FEATURE_NORMS = (None, "standardise", "whiten")
 SENTENCE_ENDS = (".", "!", "?", ":")  # tokens that close a sentence for ``sentence`` pooling
 
 
@@ -71,22 +72,36 @@ class TextTower(nn.Module):
     or masked-language-model pre-trained tower, whose [CLS] state is nearly the same for every
     report until contrastive training shapes it.
     boundary_ids: token ids that end a sentence (``sentence`` pooling; see sentence_boundary_ids).
+    feature_norm: None, ``standardise`` or ``whiten``: a fixed affine map of the pooled states before
+    the projection, ``(x - feature_mean) @ feature_transform`` (buffers; the identity until
+    ``fit_feature_norm`` measures them on a set of texts). ``standardise`` scales each dimension to
+    unit variance; ``whiten`` decorrelates them too (ZCA, regularised). For a locked tower: its
+    states share a large common part and a few directions of large variance, which dominate the
+    projected embedding at first; normalised, every direction starts equal and the projection
+    learns which ones tell reports apart (benchmarks/RESULTS.md).
     forward(input_ids [B, L] long, attention_mask [B, L] or None) -> [B, embed_dim]; texts are
     [CLS] ... [SEP] followed by padding, as ReportTokenizer makes them.
     """
 
     def __init__(self, transformer: nn.Module, embed_dim: int, pad_token_id: int = 0, pooling: str = "cls",
-                 boundary_ids: list[int] | tuple[int, ...] = ()):
+                 boundary_ids: list[int] | tuple[int, ...] = (), feature_norm: str | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"text pooling must be one of {POOLINGS}, got {pooling!r}")
         if pooling == "sentence" and not boundary_ids:
             raise ValueError("sentence pooling needs the token ids that end a sentence (sentence_boundary_ids)")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"text feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
         self.transformer = transformer
         self.pad_token_id = pad_token_id
         self.pooling = pooling
         self.register_buffer("boundary_ids", torch.tensor(sorted(boundary_ids), dtype=torch.long), persistent=False)
-        self.proj = nn.Linear(transformer.config.hidden_size, embed_dim, bias=False)
+        hidden = transformer.config.hidden_size
+        self.feature_norm = feature_norm
+        if feature_norm:
+            self.register_buffer("feature_mean", torch.zeros(hidden))
+            self.register_buffer("feature_transform", torch.eye(hidden))
+        self.proj = nn.Linear(hidden, embed_dim, bias=False)
         self.sentence_cache: SentenceCache | None = None
 
     @classmethod
@@ -95,11 +110,11 @@ class TextTower(nn.Module):
 
         config = _bert_config(text_cfg)
         return cls(BertModel(config, add_pooling_layer=False), embed_dim, config.pad_token_id, text_cfg.get("pooling", "cls"),
-                   text_cfg.get("sentence_boundary_ids", ()))
+                   text_cfg.get("sentence_boundary_ids", ()), text_cfg.get("feature_norm"))
 
     @classmethod
     def from_hf_folder(cls, folder: str | os.PathLike, embed_dim: int, load_weights: bool = True, pooling: str = "cls",
-                       boundary_ids: list[int] | tuple[int, ...] = ()) -> "TextTower":
+                       boundary_ids: list[int] | tuple[int, ...] = (), feature_norm: str | None = None) -> "TextTower":
         """A tower from a local Hugging Face model folder (config.json plus weights)."""
         from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
@@ -117,7 +132,7 @@ class TextTower(nn.Module):
             model = model_cls.from_pretrained(folder, config=config, local_files_only=True, add_pooling_layer=False)
         else:
             model = model_cls.from_config(config, add_pooling_layer=False) if model_cls is AutoModel else BertModel(config, add_pooling_layer=False)
-        return cls(model, embed_dim, config.pad_token_id or 0, pooling, boundary_ids)
+        return cls(model, embed_dim, config.pad_token_id or 0, pooling, boundary_ids, feature_norm)
 
     def sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence index of every token [B, L] (0, 1, ... in reading order); -1 for [CLS], [SEP]
@@ -216,15 +231,46 @@ class TextTower(nn.Module):
                 states.append(hidden[0].float().mean(dim=0))
         return states
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled transformer states [B, hidden], before feature_norm and the projection."""
         if input_ids.ndim != 2:
             raise ValueError(f"expected token ids as [B, L], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = (input_ids != self.pad_token_id).long()
         if self.sentence_cache is not None:
-            return self.proj(self._cached_pool(input_ids, attention_mask).to(self.proj.weight.dtype))
-        hidden = self.hidden_states(input_ids, attention_mask)
-        return self.proj(self.pool(hidden, input_ids, attention_mask))
+            return self._cached_pool(input_ids, attention_mask)
+        return self.pool(self.hidden_states(input_ids, attention_mask), input_ids, attention_mask)
+
+    @torch.no_grad()
+    def fit_feature_norm(self, pooled: torch.Tensor) -> None:
+        """Set feature_norm's mean and transform from pooled states [N, hidden] of N >= 2 texts (the
+        training reports). Meant for a locked transformer: the statistics hold while it is fixed.
+        Directions of less than 1% of the largest variance are scaled as if they had 1% of it, so
+        that noise is not blown up."""
+        if not self.feature_norm:
+            raise ValueError("this text tower has no feature_norm (text configuration 'feature_norm': 'standardise' or 'whiten')")
+        hidden = self.feature_mean.numel()
+        if pooled.ndim != 2 or pooled.shape[1] != hidden or pooled.shape[0] < 2:
+            raise ValueError(f"feature_norm needs pooled states [N >= 2, {hidden}], got {tuple(pooled.shape)}")
+        x = pooled.double()
+        mean = x.mean(dim=0)
+        centred = x - mean
+        if self.feature_norm == "standardise":
+            var = centred.pow(2).sum(dim=0) / (len(x) - 1)
+            transform = torch.diag(1.0 / torch.sqrt(var + 1e-2 * var.max() + 1e-12))
+        else:  # whiten (ZCA): rotate to the principal directions, scale, rotate back
+            cov = centred.T @ centred / (len(x) - 1)
+            values, vectors = torch.linalg.eigh(cov)
+            values = values.clamp(min=0)
+            transform = vectors @ torch.diag(1.0 / torch.sqrt(values + 1e-2 * values.max() + 1e-12)) @ vectors.T
+        self.feature_mean.copy_(mean.to(self.feature_mean.dtype))
+        self.feature_transform.copy_(transform.to(self.feature_transform.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pooled(input_ids, attention_mask).to(self.proj.weight.dtype)
+        if self.feature_norm:
+            x = (x - self.feature_mean.to(x.dtype)) @ self.feature_transform.to(x.dtype)
+        return self.proj(x)
 
 
 class SentenceCache:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 
 TEXT_POOLINGS = ("cls", "mean", "sentence")  # hlip_core.model.text.POOLINGS (not imported: this module stays free of torch)
+TEXT_FEATURE_NORMS = (None, "standardise", "whiten")  # hlip_core.model.text.FEATURE_NORMS
 
 
 def _opt(default, help: str, **extra):
@@ -47,6 +48,10 @@ class TrainConfig:
     drop_path: float | None = _opt(None, "stochastic depth rate of the image encoder; the configuration's when not given")
     lock_text: bool = _opt(False, "freeze the text transformer (its projection stays trainable)")
     lock_text_unlocked_layers: int = _opt(0, "with --lock-text: leave the last N transformer layers trainable")
+    text_feature_norm: str | None = _opt(None, "with --lock-text: a fixed normalisation of the locked tower's pooled states before "
+                                               "the projection, measured once on the training reports and saved with the model: "
+                                               "'standardise' (each dimension) or 'whiten' (decorrelated too); none when not given",
+                                         choices=(None, *TEXT_FEATURE_NORMS[1:]))
     grad_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, about 30%% more time)")
     # -- optimisation --
     steps: int = _opt(1000, "optimiser steps of the whole run")
@@ -119,6 +124,10 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.loss not in (None, "clip", "siglip"):
             raise ValueError(f"--loss must be clip or siglip, got {self.loss!r}")
+        if self.text_feature_norm not in TEXT_FEATURE_NORMS:
+            raise ValueError(f"--text-feature-norm must be standardise or whiten, got {self.text_feature_norm!r}")
+        if self.text_feature_norm and not self.lock_text:
+            raise ValueError("--text-feature-norm needs --lock-text: the statistics are measured once and hold only for a fixed tower")
         if (self.eval_data is None) != (self.eval_prompts is None):
             raise ValueError("--eval-data and --eval-prompts go together: the held-out manifest and the prompts to score it with")
         if not self.data:

@@ -174,6 +174,25 @@ class Trainer:
         log.info("%s", line)
         return stats
 
+    @torch.no_grad()
+    def _fit_text_feature_norm(self, model: HLIPModel) -> None:
+        """Measure the locked text tower's pooled states over the training reports (prefix and
+        sentences in their written order) and set its feature normalisation from them."""
+        prefix = self.cfg.report_prefix
+        texts = [prefix.replace("{modality}", study_modality(r)) + " ".join(report_sentences(r)) for r in self.records]
+        text = model.text
+        was_training = text.training
+        text.eval()
+        try:
+            pooled = torch.cat([text.pooled(*model.tokenize(texts[i:i + 64])).float() for i in range(0, len(texts), 64)])
+        finally:
+            text.train(was_training)
+        text.fit_feature_norm(pooled)
+        spread = pooled.std(dim=0)
+        log.info("text features: %s over %d training reports (before: common part %.3g, the norm of the mean; "
+                 "spread per dimension %.3g to %.3g)", "standardised" if text.feature_norm == "standardise" else "whitened",
+                 len(texts), float(pooled.mean(dim=0).norm()), float(spread.min()), float(spread.max()))
+
     def model_overrides(self) -> dict:
         overrides = copy.deepcopy(self.cfg.model_overrides)
         vision = overrides.setdefault("vision", {})
@@ -186,6 +205,8 @@ class Trainer:
             overrides["loss"] = self.cfg.loss
         if self.cfg.text_pooling is not None:
             overrides.setdefault("text", {})["pooling"] = self.cfg.text_pooling
+        if self.cfg.text_feature_norm:
+            overrides.setdefault("text", {})["feature_norm"] = self.cfg.text_feature_norm
         return overrides
 
     def model_config_preview(self) -> dict:
@@ -230,6 +251,8 @@ class Trainer:
         if cfg.lock_text:
             lock_text_tower(model, cfg.lock_text_unlocked_layers)
             _cache_locked_sentences(model.text)
+            if cfg.text_feature_norm and resume is None:  # a resumed model has them in its checkpoint
+                self._fit_text_feature_norm(model)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
 
