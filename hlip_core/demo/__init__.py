@@ -11,7 +11,10 @@ from .synth import FINDINGS
 # the tiny recipe the demo trains with (options of hlip_core.training.TrainConfig). The text tower is
 # pre-trained on the training reports as a masked language model, then locked (its projection
 # trains): a randomly initialised tower trained with CLIP from the start gives nearly the same
-# embedding to every report and settles on the findings that are easiest to see. Each sentence is
+# embedding to every report and settles on the findings that are easiest to see. The locked
+# tower's pooled states are standardised over the training reports before the projection: they
+# share a large common part that otherwise dominates the report embeddings (0.905 against 0.883
+# held-out macro AUC over three seeds on the development studies). Each sentence is
 # encoded on its own and the report is the mean of its sentences, so a short prompt is read like
 # one sentence of a report. Two scans per study and step: half the compute of four, and on this
 # budget more steps matter more than more scans; the learning rates are high for the same reason
@@ -28,6 +31,7 @@ DEMO_TRAINING = {
     "text_pretrain_steps": 200,
     "text_pretrain_lr": 3e-3,
     "lock_text": True,
+    "text_feature_norm": "standardise",
     "steps": 1000,
     "batch_size": 32,
     "lr": 2e-3,
