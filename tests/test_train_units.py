@@ -402,6 +402,19 @@ def test_help_documents_every_option_with_its_default():
     assert "torchrun" in out.stdout and "--resume auto" in out.stdout
 
 
+def test_none_on_the_command_line_unsets_an_option_the_demo_sets():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_cli", PRETRAIN)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.parse(["--demo"]).text_feature_norm == "standardise"
+    args = cli.parse(["--demo", "--text-feature-norm", "none", "--text-pooling", "none"])
+    assert args.text_feature_norm is None and args.text_pooling is None
+    assert cli.config_from(args).text_feature_norm is None
+    assert cli.parse(["--data", "x", "--loss", "siglip"]).loss == "siglip"
+
+
 def test_the_command_line_reports_bad_data_without_a_traceback(tmp_path):
     out = pretrain(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")], timeout=120)
     assert out.returncode == 2

@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind is dict:
             parser.add_argument(flag, type=json.loads, default=default, metavar="JSON", help=help_text)
         else:
-            choices = [c for c in f.metadata.get("choices", ()) if c is not None] or None
+            allowed = f.metadata.get("choices", ())
+            choices = [c for c in allowed if c is not None] or None
+            if choices and None in allowed:
+                choices.append("none")  # back to unset, e.g. to switch off what the demo sets; parse() maps it to None
             parser.add_argument(flag, type=kind, default=default, choices=choices, help=help_text)
     return parser
 
@@ -74,6 +77,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
         parser.set_defaults(**DEMO_TRAINING, out=str(Path(args.demo_folder) / "run"))
         args = parser.parse_args(argv)
+    for f in dataclasses.fields(TrainConfig):
+        if None in f.metadata.get("choices", ()) and getattr(args, f.name) == "none":
+            setattr(args, f.name, None)
     return args
 
 
