@@ -368,3 +368,43 @@ def test_search_says_when_the_embedding_cache_is_switched_off(tmp_path):
         with pytest.raises(HTTPException) as e:
             ask()
         assert e.value.status_code == 409 and "--conf index false" in e.value.detail
+
+
+# -- the DICOMweb datastore's series cache ----------------------------------------------------------
+
+
+def test_a_series_first_seen_half_received_is_downloaded_again_when_the_pacs_has_more(tmp_path, monkeypatch):
+    """A PACS receives a series instance by instance. The catalog's instance count (QIDO's
+    NumberOfSeriesRelatedInstances) says when the files kept are no longer the whole series."""
+    import monailabel_app.lib.datastore.dicomweb as dicomweb
+    from monailabel_app.lib.datastore.catalog import ScanEntry, StudyEntry
+
+    pacs = {"n": 4}
+    downloads = []
+
+    def download(study_uid, series_uid, folder, client, by_frame):  # stands in for WADO-RS
+        downloads.append(pacs["n"])
+        os.makedirs(folder, exist_ok=True)
+        for i in range(pacs["n"]):
+            Path(folder, f"{i:04d}.dcm").write_bytes(b"instance %d" % i)
+
+    class Images:
+        def image_path(self):
+            return str(tmp_path / "series")
+
+    monkeypatch.setattr(dicomweb, "dicom_web_download_series", download)
+    store = object.__new__(dicomweb.HLIPDicomWebDatastore)  # no client: only the series cache is under test
+    store._datastore, store._client, store._fetch_by_frame = Images(), None, False
+    store._download_lock = threading.Lock()
+    scan = ScanEntry("1.2.9.1", "DWI", "MR", [], series_uid="1.2.9.1")
+
+    def study(count):
+        return StudyEntry("1.2.9", [scan], f"sig-{count}", {"1.2.9.1": count})
+
+    assert len(store.study_files(study("4"))) == 4
+    assert len(store.study_files(study("4"))) == 4 and downloads == [4]  # kept, not downloaded again
+    pacs["n"] = 10
+    files = store.study_files(study("10"))
+    assert len(files) == 10 and downloads == [4, 10]
+    assert len(store.study_files(study(""))) == 10 and downloads == [4, 10]  # no count from the PACS: the files kept
+    assert not [p for p in (tmp_path / "series").iterdir() if p.name.startswith(".")]  # no download left half-written

@@ -106,12 +106,21 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
         return os.path.realpath(os.path.join(self._datastore.image_path(), series_uid))
 
     def study_files(self, study: StudyEntry) -> list[str]:
-        """Download (once) every series of the study; returns the DICOM files."""
+        """Download every series of the study once; returns the DICOM files. A series whose
+        instance count in the PACS (the catalog's) differs from the files kept is downloaded
+        again: a PACS receives a series instance by instance, and a series first seen half-way
+        must not stay half."""
         files = []
         for scan in study.scans:
             folder = self.series_folder(scan.series_uid)
+            listed = str(study.detail.get(scan.series_uid, ""))
+            expected = int(listed) if listed.isdigit() else None  # NumberOfSeriesRelatedInstances is optional in QIDO
             with self._download_lock:
-                if not (os.path.isdir(folder) and os.listdir(folder)):
+                kept = os.listdir(folder) if os.path.isdir(folder) else []
+                if not kept or (expected is not None and len(kept) != expected):
+                    if kept:
+                        log.info("series %s: %d instances kept, %d in the PACS now; downloading it again", scan.series_uid,
+                                 len(kept), expected)
                     tmp = os.path.join(os.path.dirname(folder), f".{uuid.uuid4().hex}")
                     try:
                         dicom_web_download_series(study.study_id, scan.series_uid, tmp, self._client, self._fetch_by_frame)
@@ -131,7 +140,7 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
         if scan is None:
             return ""  # MONAI Label answers 404; an id never becomes a path unless it is a known series
         study = self.catalog.get(image_id)
-        files = self.study_files(StudyEntry(study.study_id, [scan], ""))
+        files = self.study_files(StudyEntry(study.study_id, [scan], "", study.detail))
         return series_volume(files, Path(self.volumes_dir) / f"{image_id}.nii.gz", f"series {image_id} of study {study.study_id}")
 
     def get_image_info(self, image_id: str) -> Dict[str, Any]:
