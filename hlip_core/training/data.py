@@ -50,6 +50,16 @@ def study_modality(record: dict) -> str:
     return MODALITY_WORDS.get(code, code or "imaging")
 
 
+def report_prefix(prefix: str, record: dict) -> str:
+    """The text put before a study's report sentences: ``prefix`` with {modality} filled in."""
+    return prefix.replace("{modality}", study_modality(record))
+
+
+def written_report(prefix: str, record: dict) -> str:
+    """A study's report after its prefix, sentences in their written order (training shuffles them)."""
+    return report_prefix(prefix, record) + " ".join(report_sentences(record))
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), 0x5A3D1E, int(epoch), int(index)])
 
@@ -121,7 +131,7 @@ class StudyDataset(Dataset):
         sentences = report_sentences(record)
         order = rng.permutation(len(sentences))
         body = " ".join(sentences[i] for i in order)
-        return self.prefix.replace("{modality}", study_modality(record)) + body
+        return report_prefix(self.prefix, record) + body
 
     def load(self, index: int, epoch: int) -> Sample:
         """Sample of study ``index`` for ``epoch``; raises whatever reading its arrays raises."""

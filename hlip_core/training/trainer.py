@@ -30,7 +30,7 @@ from ..model import HLIPModel, autocast, create_model, save
 from ..model.text import ReportTokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import Collate, StepSampler, StudyDataset, load_records, report_sentences, scan_shape, study_modality
+from .data import Collate, StepSampler, StudyDataset, load_records, report_prefix, report_sentences, scan_shape, written_report
 from .distributed import (DistEnv, all_gather_json, barrier, derive_seed, destroy_process_group, init_process_group,
                           mean_over_ranks, pick_device)
 from .evaluate import format_auc_table, load_held_out, zero_shot_auc
@@ -148,19 +148,17 @@ class Trainer:
     def _tokenizer(self) -> ReportTokenizer:
         """A WordPiece vocabulary of the reports (deterministic: every process builds the same)."""
         context = int(self.model_config_preview()["text"].get("context_length", 128))
-        prefix = self.cfg.report_prefix
-        corpus = [prefix.replace("{modality}", study_modality(r)) + " ".join(report_sentences(r)) for r in self.records]
+        corpus = [written_report(self.cfg.report_prefix, r) for r in self.records]
         vocab = report_vocabulary(corpus, vocab_size=self.cfg.vocab_size)
         log.info("report vocabulary: %d tokens from %d reports", len(vocab), len(corpus))
         return tokenizer_from_vocabulary(vocab, context)
 
     def _pretrain_text(self, model: HLIPModel) -> dict:
         """Masked-language-model steps of the text tower on the training reports (text_pretrain.py)."""
-        prefix = self.cfg.report_prefix
         log.info("pre-training the text tower on %d training reports: %d masked-language-model steps",
                  len(self.records), self.cfg.text_pretrain_steps)
         def prefixes(records):
-            return [prefix.replace("{modality}", study_modality(r)) for r in records]
+            return [report_prefix(self.cfg.report_prefix, r) for r in records]
 
         held = self.held.records if self.held is not None else []
         stats = pretrain_text_tower(
@@ -178,8 +176,7 @@ class Trainer:
     def _fit_text_feature_norm(self, model: HLIPModel) -> None:
         """Measure the locked text tower's pooled states over the training reports (prefix and
         sentences in their written order) and set its feature normalisation from them."""
-        prefix = self.cfg.report_prefix
-        texts = [prefix.replace("{modality}", study_modality(r)) + " ".join(report_sentences(r)) for r in self.records]
+        texts = [written_report(self.cfg.report_prefix, r) for r in self.records]
         text = model.text
         was_training = text.training
         text.eval()
