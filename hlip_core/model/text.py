@@ -254,15 +254,17 @@ class TextTower(nn.Module):
             raise ValueError(f"feature_norm needs pooled states [N >= 2, {hidden}], got {tuple(pooled.shape)}")
         x = pooled.double()
         mean = x.mean(dim=0)
-        centred = x - mean
+        cov = torch.cov(x.T)
+
+        def floored_inverse_sqrt(variances: torch.Tensor) -> torch.Tensor:
+            variances = variances.clamp(min=0)
+            return 1.0 / torch.sqrt(variances + 1e-2 * variances.max() + 1e-12)
+
         if self.feature_norm == "standardise":
-            var = centred.pow(2).sum(dim=0) / (len(x) - 1)
-            transform = torch.diag(1.0 / torch.sqrt(var + 1e-2 * var.max() + 1e-12))
+            transform = torch.diag(floored_inverse_sqrt(torch.diagonal(cov)))
         else:  # whiten (ZCA): rotate to the principal directions, scale, rotate back
-            cov = centred.T @ centred / (len(x) - 1)
             values, vectors = torch.linalg.eigh(cov)
-            values = values.clamp(min=0)
-            transform = vectors @ torch.diag(1.0 / torch.sqrt(values + 1e-2 * values.max() + 1e-12)) @ vectors.T
+            transform = vectors @ torch.diag(floored_inverse_sqrt(values)) @ vectors.T
         self.feature_mean.copy_(mean.to(self.feature_mean.dtype))
         self.feature_transform.copy_(transform.to(self.feature_transform.dtype))
 
