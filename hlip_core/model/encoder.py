@@ -145,15 +145,16 @@ class PatchEmbed3D(nn.Module):
         return F.linear(patches, weight, bias)
 
 
-def fold_standardisation(weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, mean: float, std: float):
-    """(weight, bias) of a linear layer that reads raw input of ``dtype`` (uint8 as x / 255) as if
-    it were standardised to (x - mean) / std: the standardisation folded into the weights, so the
-    input needs no second, standardised copy."""
+def fold_standardisation(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, mean: float, std: float):
+    """(weight, bias) of a linear layer (bias None: none) that reads raw input of ``dtype`` (uint8
+    as x / 255) as if it were standardised to (x - mean) / std: the standardisation folded into the
+    weights, so the input needs no second, standardised copy."""
     scale = 255.0 if dtype == torch.uint8 else 1.0
     if mean == 0.0 and std == 1.0 and scale == 1.0:
         return weight, bias
     # W (x / scale - m) / s + b = (W / (scale s)) x + (b - (m / s) sum(W))
-    return weight / (std * scale), bias - (mean / std) * weight.sum(dim=1)
+    shift = (mean / std) * weight.sum(dim=1)
+    return weight / (std * scale), -shift if bias is None else bias - shift
 
 
 class MLPPatchEmbed3D(nn.Module):
@@ -202,8 +203,7 @@ class MLPPatchEmbed3D(nn.Module):
             subs = subs.to(weight.dtype)
         tokens = self.proj(F.gelu(F.linear(subs, weight, bias)).reshape(V, d, h, w, -1))
         means = subs.reshape(V, d, h, w, a * b * c, C, -1).mean(dim=-1).reshape(V, d, h, w, -1)
-        scale = 255.0 if x.dtype == torch.uint8 else 1.0
-        return tokens + self.means((means / scale - mean) / std)
+        return tokens + F.linear(means, *fold_standardisation(self.means.weight, self.means.bias, x.dtype, mean, std))
 
 
 def make_patch_embed(patch_size: tuple[int, int, int], in_chans: int, dim: int, stem: dict | None = None) -> nn.Module:
