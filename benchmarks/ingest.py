@@ -2,7 +2,8 @@
 train/prepare.py command with 1 and 2 workers.
 
 1. Assembly vs dcm2niix on the same series, timed in turns in one run (median of --repeats):
-   the real 384-slice MRI (../shared/data) and a synthetic 512x512 CT series. "assembly" is
+   the real MRI (the 384-slice series with HLIP_SHARED_DATA set, else the 48-slice excerpt in
+   tests/data) and a synthetic 512x512 CT series. "assembly" is
    hlip_core.data.load_study on the folder (headers, ordering, pixels, geometry: a SimpleITK image in
    memory); "assembly + write" adds writing that image as an uncompressed NIfTI, which is what
    dcm2niix (-z n) produces. Ratios > 1 mean dcm2niix is slower.
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the DICOM writers of the test suite
 
 from dicom_factory import rotation, write_localizer, write_series, write_sr  # noqa: E402
-from realdata import real_mri_dicom_dir  # noqa: E402
+from realdata import benchmark_mri_dicom_dir  # noqa: E402
 
 
 def time_once(fn) -> float:
@@ -141,8 +142,8 @@ def main() -> None:
         print(f"dcm2niix: {version[-1] if version else '?'}; cpus: {os.cpu_count()}; "
               f"load average at start: {os.getloadavg()[0]:.1f} (other work on the machine)")
         print("\n1. assembly vs dcm2niix (median of", args.repeats, "runs, in turns)")
-        real = assembly_vs_dcm2niix(real_mri_dicom_dir(), work, args.repeats)
-        print("  real MRI 384 x 384x274:", json.dumps(real))
+        real = assembly_vs_dcm2niix(benchmark_mri_dicom_dir(), work, args.repeats)
+        print("  real MRI (384x274 slices):", json.dumps(real))
         ct = assembly_vs_dcm2niix(synthetic_ct(work / "ct200"), work, args.repeats)
         print("  synthetic CT 200 x 512x512:", json.dumps(ct))
         src, largest = synthetic_archive(work, args.studies)

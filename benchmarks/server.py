@@ -2,7 +2,8 @@
 
 For each configuration an untrained checkpoint is written to a temporary folder and a real
 ``monailabel start_server`` (python -m monailabel.main) serves a studies folder on 127.0.0.1. A study
-is two DICOM series: the real T1w brain series of ../shared/data (every 2nd slice: 192 slices of
+is two DICOM series: the real T1w brain series (every 2nd slice: of the full 384 with HLIP_SHARED_DATA set,
+of the 48-slice excerpt in tests/data otherwise; slices of
 384x274) and a synthetic 48-slice 192x192 series.
 
 - first request on a new study: a study the server knows (its folder was scanned at start-up) but
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from realdata import real_mri_dicom_dir  # noqa: E402
+from realdata import benchmark_mri_dicom_dir  # noqa: E402
 from server_helpers import free_port, make_checkpoint, stop_process, wait_for, write_dicom_series  # noqa: E402
 
 CONFIGS = {
@@ -63,7 +64,7 @@ def make_study(base: Path) -> list[Path]:
     import numpy as np
     import pydicom
 
-    real = sorted(real_mri_dicom_dir().rglob("*.dcm"))
+    real = sorted(benchmark_mri_dicom_dir().rglob("*.dcm"))
     keyed = []
     for f in real:
         ds = pydicom.dcmread(f, stop_before_pixels=True)

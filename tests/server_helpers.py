@@ -122,8 +122,8 @@ def write_dicom_series(folder: Path, study_uid: str, series_uid: str | None = No
     return paths
 
 
-def subsampled_real_mri(folder: Path, every: int = 16) -> list[Path]:
-    """Every ``every``-th slice of the real T1w series (positions stay consistent: a coarser series)."""
+def subsampled_real_mri(folder: Path, every: int = 2) -> list[Path]:
+    """Every ``every``-th slice of the real T1w excerpt (positions stay consistent: a coarser series)."""
     import pydicom
 
     from realdata import real_mri_dicom_dir

@@ -12,7 +12,7 @@ import hlip_core
 from hlip_core.eval import load_prompt_set
 from hlip_core.eval.benchmark import bare_id, read_labels, split_validation
 from hlip_core.eval.retrieval import EmbeddingIndex
-from realdata import ct_rate_labels_csv
+from realdata import CT_RATE_EXCERPT_ROWS, ct_rate_labels_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 import embed as embed_cli  # noqa: E402
@@ -138,7 +138,7 @@ def test_embed_resumes_after_the_chunks_it_finished(checkpoint, benchmark, tmp_p
 
 def test_the_real_ct_rate_label_file_reads_as_distributed():
     table = read_labels(ct_rate_labels_csv(), load_prompt_set("ct-rate"))
-    assert len(table.ids) == 3039 and table.labels.shape == (3039, 18)
+    assert len(table.ids) == CT_RATE_EXCERPT_ROWS and table.labels.shape == (CT_RATE_EXCERPT_ROWS, 18)
     assert table.ids[0] == "valid_1_a_1" and set(np.unique(table.labels)) <= {0.0, 1.0}
     assert table.names[2] == "Cardiomegaly"
 

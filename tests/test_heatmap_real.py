@@ -3,8 +3,8 @@
 
 The model is the session's planted-lesion model (conftest.py: trained to find a bright box in
 smooth texture on a 16x64x64 grid). The first test takes the real anatomy and checks that every
-heat map has exactly the scan's geometry. The second keeps the real series' grid (274 x 384 x 384
-voxels of 0.7 x 0.667 x 0.667 mm, slightly oblique) but fills it with the texture the model knows
+heat map has exactly the scan's geometry. The second keeps the real series' grid (274 x 384 x 48
+voxels of 0.7 x 0.667 x 5.33 mm: the repository's excerpt, every 8th slice, slightly oblique) but fills it with the texture the model knows
 (as CT values, so that the fixed HU window returns exactly those intensities) and plants a bright
 box in the scan's OWN voxel grid: the map's maximum must come back on it.
 """

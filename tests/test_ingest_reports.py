@@ -7,7 +7,7 @@ import pytest
 
 from hlip_core.data import read_reports, split_sentences
 from hlip_core.data.reports import match_report
-from realdata import ct_rate_labels_csv
+from realdata import CT_RATE_EXCERPT_ROWS, ct_rate_labels_csv
 
 
 def test_sentences_split_at_full_stops_but_not_inside_numbers_or_abbreviations():
@@ -84,6 +84,6 @@ def read_reports_from_rows(rows: dict):
 def test_the_real_ct_rate_label_file_reads_as_labels_by_volume_name():
     columns = ["Cardiomegaly", "Lung nodule", "Pleural effusion"]
     table = read_reports(ct_rate_labels_csv(), key_column="VolumeName", report_column=None, label_columns=columns)
-    assert len(table) == 3039
+    assert len(table) == CT_RATE_EXCERPT_ROWS
     row = table["valid_1_a_1.nii.gz"]
     assert row.report is None and set(row.labels) == set(columns) and set(row.labels.values()) <= {0, 1}
