@@ -3,7 +3,7 @@
 ``monailabel start_server --studies http://127.0.0.1:<port>/dicom-web``.
 
 Study A: two small MR series written with pydicom plus a structured report (not an image);
-study B: the real T1w brain series of ../shared/data (every 16th slice); study C is uploaded while
+study B: the real T1w brain series excerpt of tests/data (every 2nd of its 48 slices); study C is uploaded while
 the server runs and must be found and embedded in the background.
 """
 import json
