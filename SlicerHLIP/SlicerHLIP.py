@@ -2,9 +2,11 @@
 
 The module is two layers. ``SlicerHLIPLib`` (plain Python, no slicer/qt/vtk) talks to the server,
 parses answers, remembers settings and decides what to send; this file only turns volume nodes
-into NIfTI files and answers into nodes (a findings table, heat-map volumes), and wires the panel.
-Every request runs on a worker thread; the panel polls it with a QTimer, so the GUI never waits
-for the network (only for writing a volume file or reading one heat map).
+into files and answers into nodes (a findings table, a heat-map volume), with Slicer's own
+storage nodes and Volumes logic, keeps the panel's state in a parameter node (saved with the
+scene), and wires the panel. Every request runs on a worker thread; the panel polls it with a
+QTimer, so the GUI never waits for the network (only for writing a volume file or reading one heat
+map, both done by Slicer's readers and writers on the main thread).
 """
 import logging
 import os
@@ -26,13 +28,25 @@ except ImportError:  # Slicer before 5.4
 
 from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, HLIPError,
                            LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, findings_preview, is_flagged,
-                           load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question, read_header,
-                           region_named, table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
+                           load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question, region_named,
+                           table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
 from SlicerHLIPLib.findings import findings_text
-from SlicerHLIPLib.nifti import NiftiError, read_voxels, write_nifti
 
 HOMEPAGE = "https://github.com/hlip-slicer/SlicerHLIP#readme"
+MODULE_NAME = "SlicerHLIP"
 HEATMAP_ATTRIBUTE = "HLIP.heatmap"
+HEATMAP_NODE_NAME = "HLIP heat map"
+# The panel's state in the scene's parameter node (a vtkMRMLScriptedModuleNode, saved with the
+# scene): parameter -> (type, settings attribute that gives its default).
+PARAMETERS = {
+    "ServerURL": (str, "server_url"),
+    "FindingsText": (str, "findings_text"),
+    "SelectedFinding": (str, None),
+    "HeatmapOpacity": (float, "heatmap_opacity"),
+    "HeatmapThreshold": (float, "heatmap_threshold"),
+}
+FINDINGS_TABLE_REFERENCE = "FindingsTable"
+HEATMAP_REFERENCE = "Heatmap"
 SERVER_STUDY_ATTRIBUTE = "HLIP.serverStudy"
 SERVER_IMAGE_ATTRIBUTE = "HLIP.serverImage"
 SERVER_STUDY_IMAGES_ATTRIBUTE = "HLIP.serverStudyImages"
@@ -575,7 +589,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.answer = None
         self.tableNode = None
         self.tableRows = []  # the rows (SlicerHLIPLib table_rows) last put in the table node, in its order
-        self.heatmapNodeIDs = {}  # finding row -> heat-map volume node id
+        self.heatmapNodeID = None  # the heat-map volume node (one for every finding)
+        self.shownRow = None  # the finding whose map that node holds
         self._workDir = None
 
     def workDir(self):
@@ -638,47 +653,34 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return BackgroundTask(lambda progress, cancel: client.search(text, int(k), cancel), "SlicerHLIP search")
 
     def downloadStudyTask(self, studyId):
-        """Download every scan of a datastore study and read its voxels, off the GUI thread (value:
-        [(DownloadedScan, voxels [k, j, i] or None, IJK->RAS or None)]; None: a format only
-        Slicer's reader opens, loaded by loadDownloadedStudy)."""
+        """A BackgroundTask that downloads every scan of datastore study ``studyId`` to files
+        (value: [DownloadedScan]; loadDownloadedStudy reads them into the scene)."""
         client = self.requireClient()
         folder = tempfile.mkdtemp(prefix="study-", dir=self.workDir())
 
         def work(progress, cancel):
-            scans = client.download_study(studyId, folder, progress.scaled(0.0, 0.9), cancel)
-            loaded = []
-            for i, scan in enumerate(scans):
-                cancel.check()
-                progress(0.9 + 0.1 * i / max(1, len(scans)), READING_VOLUMES)  # translated by the panel
-                try:
-                    header, voxels = read_voxels(scan.path)
-                except (NiftiError, OSError, ValueError):
-                    header, voxels = None, None
-                if voxels is not None and voxels.ndim == 3:
-                    loaded.append((scan, voxels, header.affine_ras))
-                else:
-                    loaded.append((scan, None, None))
-            return loaded
+            return client.download_study(studyId, folder, progress, cancel)
 
         return BackgroundTask(work, "SlicerHLIP download")
 
-    def loadDownloadedStudy(self, studyId, loaded):
-        """Volume nodes from downloaded scans (memory copies of voxels read off the GUI thread), that
-        remember their server study and image. ``loaded``: the value of downloadStudyTask."""
-        import numpy as np
-
+    def loadDownloadedStudy(self, studyId, scans):
+        """Read downloaded scans (the value of downloadStudyTask) into volume nodes with Slicer's
+        Volumes logic; each node remembers its server study and image (node attributes), so that
+        asking them again sends only the study's id. Returns the nodes; the first one is shown.
+        Nothing is added when one of the files cannot be read (ValueError naming it)."""
         nodes = []
-        allImages = "\n".join(scan.image_id for scan, _, _ in loaded)
-        for scan, voxels, ijkToRas in loaded:
-            name = scan.description or scan.image_id
-            if voxels is not None:
-                node = slicer.util.addVolumeFromArray(voxels, np.array(ijkToRas), name)
-            else:
-                node = slicer.util.loadVolume(scan.path, {"name": name, "show": False})
+        allImages = "\n".join(scan.image_id for scan in scans)
+        try:
+            for scan in scans:
+                nodes.append(self.loadVolumeFile(scan.path, scan.description or scan.image_id))
+        except ValueError:
+            for node in nodes:
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        for scan, node in zip(scans, nodes):
             node.SetAttribute(SERVER_STUDY_ATTRIBUTE, studyId)
             node.SetAttribute(SERVER_IMAGE_ATTRIBUTE, scan.image_id)
             node.SetAttribute(SERVER_STUDY_IMAGES_ATTRIBUTE, allImages)
-            nodes.append(node)
         if nodes:
             slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
         return nodes
@@ -737,26 +739,50 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return None
 
     def defaultSelection(self, volumes):
+        """The keys of ``volumes`` (LocalVolumes) checked by default: the study of the volume shown
+        in the slice views (SlicerHLIPLib.default_selection)."""
         return default_selection(volumes, self.activeVolumeID())
 
     @staticmethod
-    def volumeSnapshot(volumeNode):
-        """(voxels [k, j, i] copied, IJK->RAS 4x4 as lists): what a worker thread needs to write
-        the volume, taken on the main thread in the time of a memory copy."""
-        if volumeNode.GetImageData() is None:
+    def writeVolumeFile(volumeNode, path):
+        """Write a scalar volume node to ``path`` (.nii, .nii.gz, .nrrd) with Slicer's own writer
+        (vtkMRMLVolumeArchetypeStorageNode), in the node's local coordinates (IJK-to-RAS; a parent
+        transform stays with the node). Returns the path; ValueError when the node holds no scalar
+        image or the writer fails."""
+        image = volumeNode.GetImageData()
+        if image is None:
             raise ValueError(_("Volume '{name}' holds no image.").format(name=volumeNode.GetName()))
-        if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        if image.GetNumberOfScalarComponents() != 1:
             raise ValueError(_("Volume '{name}' has several components per voxel; choose a scalar volume.").format(
                 name=volumeNode.GetName()))
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)  # local coordinates: a parent transform stays with the node
-        return slicer.util.arrayFromVolume(volumeNode).copy(), [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: the node keeps its own
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(str(path).endswith(".gz"))
+        if not storage.WriteData(volumeNode):
+            raise ValueError(_("Slicer could not write volume '{name}' to a file.").format(name=volumeNode.GetName()))
+        return str(path)
+
+    @staticmethod
+    def loadVolumeFile(path, name):
+        """Read the volume file at ``path`` into a new scalar volume node called ``name`` with
+        Slicer's Volumes logic (its archetype storage node, display node and default window/level).
+        Returns the node; ValueError when Slicer cannot read the file."""
+        singleFile = 4  # vtkSlicerVolumesLogic option: this file alone, not a series found beside it
+        node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name, singleFile)
+        if node is None or node.GetImageData() is None:
+            if node is not None:
+                slicer.mrmlScene.RemoveNode(node)
+            raise ValueError(_("Slicer could not read the volume file '{file}'.").format(file=os.path.basename(str(path))))
+        return node
 
     # -- ask -------------------------------------------------------------------------------------------
 
     def startQuestion(self, nodeIDs, findings, heatmaps=True, regionName=None):
-        """Copy the chosen volumes' voxels (when they must be uploaded) and return the BackgroundTask
-        that writes them as NIfTI files, uploads them and asks (value: SlicerHLIPLib Answer)."""
+        """Write the chosen volumes (node ids) that must be uploaded as NIfTI files with Slicer's
+        writer, and return the BackgroundTask that uploads them and asks ``findings`` (a list of
+        strings), with a heat map per finding if ``heatmaps`` (value: SlicerHLIPLib Answer; shown
+        by showAnswer). ``regionName``: the findings list the question came from (its modality
+        is sent for volumes that name none). The scene is not changed."""
         client = self.requireClient()
         byKey = {v.key: v for v in self.sceneVolumes()}
         chosen = [byKey[k] for k in nodeIDs if k in byKey]
@@ -768,36 +794,84 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 volume.modality = volume.modality or modality
         question = plan_question(chosen)
         folder = tempfile.mkdtemp(prefix="question-", dir=self.workDir())
-        snapshots = {v.key: self.volumeSnapshot(slicer.mrmlScene.GetNodeByID(v.key)) for v in question.uploads}
+        try:
+            files = {volume.key: self.writeVolumeFile(slicer.mrmlScene.GetNodeByID(volume.key), os.path.join(folder, f"scan{i:02d}.nii"))
+                     for i, volume in enumerate(question.uploads)}
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         outDir = os.path.join(folder, "heatmaps")
 
         def work(progress, cancel):  # worker thread: no translation, no Qt
-            files = {}
-            for i, volume in enumerate(question.uploads):  # the files are written here, off the GUI thread
-                cancel.check()
-                progress(None, WRITING_VOLUMES)  # translated by the panel
-                voxels, ijkToRas = snapshots.pop(volume.key)
-                files[volume.key] = write_nifti(os.path.join(folder, f"scan{i:02d}.nii"), voxels, ijkToRas)
             return ask(client, findings, question, files, heatmaps=heatmaps, out_dir=outDir, progress=progress, cancel=cancel)
 
         return BackgroundTask(work, "SlicerHLIP findings")
 
+    # -- parameter node ------------------------------------------------------------------------------
+
+    def getParameterNode(self):
+        """The scene's SlicerHLIP parameter node (a singleton vtkMRMLScriptedModuleNode, created on
+        first use): the panel's state, saved and restored with the scene."""
+        scene = slicer.mrmlScene
+        node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+            node = scene.AddNode(node)
+        return node
+
+    def parameter(self, name):
+        """Parameter ``name`` (one of PARAMETERS) of the parameter node, as its type; unset, the
+        remembered setting (or "" for the selected finding)."""
+        kind, setting = PARAMETERS[name]
+        text = self.getParameterNode().GetParameter(name)
+        if text:
+            return kind(text)
+        default = getattr(self.settings, setting) if setting else ""
+        return kind(default if default is not None else "")
+
+    def setParameter(self, name, value):
+        """Set parameter ``name`` (one of PARAMETERS) of the parameter node to ``value``."""
+        if name not in PARAMETERS:
+            raise KeyError(name)
+        self.getParameterNode().SetParameter(name, "" if value is None else str(value))
+
+    def restoreFromScene(self):
+        """After a scene was loaded: take the findings table and heat-map nodes its parameter node
+        names (the answer itself, with its heat-map files, is not kept in a scene: ask again to
+        see other findings' heat maps)."""
+        node = self.getParameterNode()
+        self.answer, self.tableRows = None, []
+        self.tableNode = node.GetNodeReference(FINDINGS_TABLE_REFERENCE)
+        heatmap = node.GetNodeReference(HEATMAP_REFERENCE)
+        self.heatmapNodeID = heatmap.GetID() if heatmap is not None else None
+
+    # -- answers ---------------------------------------------------------------------------------------
+
     def forgetAnswer(self):
-        for nodeID in self.heatmapNodeIDs.values():
-            node = slicer.mrmlScene.GetNodeByID(nodeID)
-            if node is not None:
-                slicer.mrmlScene.RemoveNode(node)
-        self.heatmapNodeIDs = {}
+        """Remove the heat-map node of the previous answer and forget that answer (the findings
+        table node stays; it is refilled by the next answer)."""
+        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+        if node is not None:
+            slicer.mrmlScene.RemoveNode(node)
+        self.heatmapNodeID = None
+        self.shownRow = None
         self.answer = None
         self.tableRows = []
 
     def findingsTableNode(self):
+        """The findings table node (created on first use, named 'HLIP findings')."""
         if self.tableNode is None or slicer.mrmlScene.GetNodeByID(self.tableNode.GetID()) is None:
             self.tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "HLIP findings")
+            self.getParameterNode().SetNodeReferenceID(FINDINGS_TABLE_REFERENCE, self.tableNode.GetID())
         return self.tableNode
 
     def showAnswer(self, answer, probabilityThreshold=0.5):
-        """Put an answer in the findings table node (heat maps are loaded when a row is shown)."""
+        """Put ``answer`` (a SlicerHLIPLib Answer) in the findings table node, one row per finding in
+        the question's order, flagged at or above ``probabilityThreshold``; returns the table node.
+        Heat maps are read when a row is shown (showHeatmap)."""
         self.forgetAnswer()
         self.answer = answer
         table = self.findingsTableNode()
@@ -814,6 +888,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def setColumnTitlesInHeader(tableNode):
+        """Show the column titles of ``tableNode`` as its views' header (see columnTitlesInHeader)."""
         if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
             tableNode.SetUseColumnTitleAsColumnHeader(True)
         else:
@@ -841,36 +916,54 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.tableRows = rows
 
     def scanNodeOf(self, row):
+        """The volume node of the scan that drives finding ``row`` of the last answer, or None."""
         key = self.answer.row_keys.get(row) if self.answer else None
         return slicer.mrmlScene.GetNodeByID(key) if key else None
 
     def heatmapNode(self, row):
-        """The heat-map volume of finding ``row`` (loaded from its file on first use), or None."""
+        """The heat-map volume node ('HLIP heat map') holding finding ``row``'s map, or None when
+        that finding has none. One node serves every finding: showing another finding reads its
+        file into the same node with the node's own storage node (Slicer's reader), so nodes do
+        not pile up; the map lies on its scan's voxel grid and follows the scan's transform."""
         if self.answer is None or row not in self.answer.result.heatmaps:
             return None
-        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeIDs.get(row, "")) if row in self.heatmapNodeIDs else None
-        if node is not None:
-            return node
         heatmap = self.answer.result.heatmaps[row]
-        node = slicer.util.loadVolume(heatmap.path, {"name": f"HLIP heat map: {heatmap.finding}", "show": False})
+        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+        if node is None:
+            node = self.loadVolumeFile(heatmap.path, HEATMAP_NODE_NAME)
+            self.heatmapNodeID = node.GetID()
+            self.getParameterNode().SetNodeReferenceID(HEATMAP_REFERENCE, node.GetID())
+        elif self.shownRow != row:
+            storage = node.GetStorageNode()
+            storage.SetFileName(heatmap.path)
+            if not storage.ReadData(node):
+                raise ValueError(_("Slicer could not read the heat map of '{finding}'.").format(finding=heatmap.finding))
+        self.shownRow = row
         node.SetAttribute(HEATMAP_ATTRIBUTE, heatmap.finding)
         scan = self.scanNodeOf(row)
-        if scan is not None:  # the file was written in the scan's local space: keep its transform
-            node.SetAndObserveTransformNodeID(scan.GetTransformNodeID())
-        self.heatmapNodeIDs[row] = node.GetID()
+        # the file was written in the scan's local space: keep its transform
+        node.SetAndObserveTransformNodeID(scan.GetTransformNodeID() if scan is not None else None)
         return node
 
     @staticmethod
     def warmColorNodeID():
+        """The id of the warm colour table heat maps are shown with (Inferno where Slicer has its
+        colour files, else the built-in Warm1), or None."""
         for nodeID in WARM_COLOR_NODE_IDS:
             if slicer.mrmlScene.GetNodeByID(nodeID) is not None:
                 return nodeID
         return None
 
     def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False):
-        """Show finding ``row``'s heat map over its scan: foreground layer, warm colours, values
-        below ``threshold`` transparent; optionally as volume rendering. Returns the node (or None)."""
+        """Show finding ``row``'s heat map over its scan in every slice view: foreground layer at
+        ``opacity``, warm colours over [0, 1], values below ``threshold`` transparent; optionally as
+        volume rendering in the 3D view. Remembers the finding, opacity and threshold in the
+        parameter node. Returns the heat-map node, or None (the finding has no heat map)."""
         node = self.heatmapNode(row)
+        if self.answer is not None and 0 <= row < len(self.answer.result.rows):
+            self.setParameter("SelectedFinding", self.answer.result.rows[row].finding)
+        self.setParameter("HeatmapOpacity", opacity)
+        self.setParameter("HeatmapThreshold", threshold)
         if node is None:
             return None
         display = node.GetDisplayNode()
@@ -890,12 +983,11 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     def _showVolumeRendering(self, node, threshold):
         vrLogic = slicer.modules.volumerendering.logic()
-        for nodeID in self.heatmapNodeIDs.values():
-            other = slicer.mrmlScene.GetNodeByID(nodeID)
-            vr = vrLogic.GetFirstVolumeRenderingDisplayNode(other) if other is not None else None
-            if vr is not None and other is not node:
-                vr.SetVisibility(False)
         if node is None:
+            heatmap = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+            vr = vrLogic.GetFirstVolumeRenderingDisplayNode(heatmap) if heatmap is not None else None
+            if vr is not None:
+                vr.SetVisibility(False)
             return
         vr = vrLogic.GetFirstVolumeRenderingDisplayNode(node) or vrLogic.CreateDefaultVolumeRenderingNodes(node)
         volumeProperty = vr.GetVolumePropertyNode().GetVolumeProperty()
@@ -918,12 +1010,12 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
 
 class SlicerHLIPTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Developer mode's Reload and Test, or ctest). The server round trip runs
-    when HLIP_SERVER_URL names a running HLIP server, e.g.
+    """Runs inside Slicer (Developer mode's Reload and Test, or ctest), offline: its volumes are made
+    in the scene. The server round trip runs when HLIP_SERVER_URL names a running HLIP server, e.g.
     ``HLIP_SERVER_URL=http://127.0.0.1:8000 Slicer --python-code "..."``."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        slicer.mrmlScene.Clear(0)
         self.tempDir = tempfile.mkdtemp(prefix="SlicerHLIPTest-")
 
     def tearDown(self):
@@ -937,23 +1029,31 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             finally:
                 self.tearDown()
 
-    def _sampleVolume(self):
-        import SampleData
+    def _sampleVolume(self, name="HLIPTest scan", shift=(0.0, 0.0, 0.0)):
+        """A head-sized oblique, anisotropic scan (a bright ellipsoid in noise) made in the scene."""
+        import numpy as np
 
-        return SampleData.downloadSample("MRHead")
+        k, j, i = np.mgrid[0:24, 0:56, 0:48].astype("float32")
+        ellipsoid = ((i - 24) / 18) ** 2 + ((j - 28) / 22) ** 2 + ((k - 12) / 9) ** 2 < 1
+        voxels = (np.random.default_rng(0).normal(100, 10, ellipsoid.shape) + 400 * ellipsoid).astype("int16")
+        angle = np.deg2rad(12.0)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        ijkToRas = np.eye(4)
+        ijkToRas[:3, :3] = rotation @ np.diag([3.4, 3.1, 5.5])
+        ijkToRas[:3, 3] = np.array([-80.0, -95.0, -60.0]) + np.array(shift)
+        return slicer.util.addVolumeFromArray(voxels, ijkToRas, name)
 
-    @staticmethod
-    def _ijkToRas(volumeNode):
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
-
-    def _assertSameGrid(self, header, volumeNode):
-        self.assertEqual(tuple(header.size), tuple(volumeNode.GetImageData().GetDimensions()))
-        expected = self._ijkToRas(volumeNode)
+    def _assertSameGrid(self, node, scan):
+        """``node`` lies on ``scan``'s voxel grid: dimensions, spacing and IJK-to-RAS (1e-4 mm)."""
+        self.assertEqual(node.GetImageData().GetDimensions(), scan.GetImageData().GetDimensions())
+        for a, b in zip(node.GetSpacing(), scan.GetSpacing()):
+            self.assertAlmostEqual(a, b, delta=1e-4)
+        matrices = [vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()]
+        node.GetIJKToRASMatrix(matrices[0])
+        scan.GetIJKToRASMatrix(matrices[1])
         for r in range(3):
             for c in range(4):
-                self.assertAlmostEqual(header.affine_ras[r][c], expected[r][c], places=3)
+                self.assertAlmostEqual(matrices[0].GetElement(r, c), matrices[1].GetElement(r, c), delta=1e-4)
 
     def _wait(self, task, seconds=900):
         """Run a BackgroundTask to its end while Slicer keeps processing events."""
@@ -968,14 +1068,12 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         return task.result()
 
     def test_VolumeIsWrittenWithItsGeometry(self):
-        self.delayDisplay("A volume node becomes a NIfTI file with its geometry, written off the GUI thread")
+        self.delayDisplay("A volume node becomes a NIfTI file with its geometry, with Slicer's own writer and reader")
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
-        voxels, ijkToRas = logic.volumeSnapshot(volume)
-        path = write_nifti(os.path.join(self.tempDir, "volume.nii"), voxels, ijkToRas)
-        self._assertSameGrid(read_header(path), volume)
-        reloaded = slicer.util.loadVolume(path, {"name": "reloaded", "show": False})  # Slicer's own reader agrees
-        self._assertSameGrid(read_header(path), reloaded)
+        path = logic.writeVolumeFile(volume, os.path.join(self.tempDir, "volume.nii"))
+        reloaded = logic.loadVolumeFile(path, "reloaded")
+        self._assertSameGrid(reloaded, volume)
         self.assertTrue((slicer.util.arrayFromVolume(reloaded) == slicer.util.arrayFromVolume(volume)).all())
         slicer.mrmlScene.RemoveNode(reloaded)
         self.assertEqual([v.key for v in logic.sceneVolumes()], [volume.GetID()])
@@ -984,14 +1082,16 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
 
     def test_AnswerBecomesTableAndHeatmap(self):
         self.delayDisplay("An answer becomes a findings table and a heat-map overlay on its scan")
-        from SlicerHLIPLib import Answer, FindingRow, FindingsResult, HeatMap
+        from SlicerHLIPLib import Answer, FindingRow, FindingsResult, HeatMap, read_header
 
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
-        # a heat map in the scan's geometry: the scan itself scaled to [0, 1], written as the server would
-        voxels, ijkToRas = logic.volumeSnapshot(volume)
-        heat = voxels.astype("float32") / max(float(voxels.max()), 1.0)
-        path = write_nifti(os.path.join(self.tempDir, "heatmap_0.nii.gz"), heat, ijkToRas)
+        # a heat map in the scan's geometry, written as the server would: the scan scaled to [0, 1]
+        heat = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "heat")
+        voxels = slicer.util.arrayFromVolume(volume).astype("float32")
+        slicer.util.updateVolumeFromArray(heat, voxels / max(float(voxels.max()), 1.0))
+        path = logic.writeVolumeFile(heat, os.path.join(self.tempDir, "heatmap_0.nii.gz"))
+        slicer.mrmlScene.RemoveNode(heat)
         rows = [FindingRow(0, "mass effect", 0.8, 0.1, "scan00", "scan00", "scan00.nii", "heatmap_0"),
                 FindingRow(1, "midline shift", 0.3, -0.05, "scan00", "scan00", "scan00.nii", None)]
         result = FindingsResult("session", rows, {0: HeatMap("mass effect", path, read_header(path))}, [], 12.0, 0.5)
@@ -1005,13 +1105,15 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetCellText(1, 4), "")
         node = logic.showHeatmap(0, opacity=0.4, threshold=0.3)
         self.assertIsNotNone(node)
-        self._assertSameGrid(read_header(path), node)
-        self._assertSameGrid(read_header(path), volume)  # the heat map lies on the scan's voxel grid
+        self._assertSameGrid(node, volume)  # the heat map lies on the scan's voxel grid
         composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
         self.assertEqual(composite.GetForegroundVolumeID(), node.GetID())
         self.assertEqual(composite.GetBackgroundVolumeID(), volume.GetID())
         self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
         self.assertTrue(node.GetDisplayNode().GetApplyThreshold())
+        self.assertAlmostEqual(node.GetDisplayNode().GetLowerThreshold(), 0.3)
+        self.assertEqual(logic.parameter("SelectedFinding"), "mass effect")
+        self.assertAlmostEqual(logic.parameter("HeatmapOpacity"), 0.4)
         self.assertIsNone(logic.showHeatmap(1))  # asked without a heat map
         logic.updateFlags(0.9)
         self.assertEqual(logic.findingsTableNode().GetCellText(0, 4), "")
@@ -1028,7 +1130,7 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         info = self._wait(logic.connectTask(url))
         self.assertTrue(info.model)
         volume = self._sampleVolume()
-        second = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "MRHead copy")
+        second = self._sampleVolume("HLIPTest second scan", shift=(4.0, -3.0, 7.5))
         findings = ["mass effect", "midline shift"]
         answer = self._wait(logic.startQuestion([volume.GetID(), second.GetID()], findings, heatmaps=True, regionName="Brain MRI"))
         self.assertEqual([r.finding for r in answer.result.rows], findings)
@@ -1038,8 +1140,7 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             scan = logic.scanNodeOf(row)
             self.assertIn(scan.GetID(), (volume.GetID(), second.GetID()))
             heat = logic.showHeatmap(row)
-            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), scan)  # the file is in the scan's grid
-            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), heat)  # and so is the loaded node
+            self._assertSameGrid(heat, scan)  # the map Slicer read lies on its scan's grid
         found = self._wait(logic.searchTask("mass effect", 5))
         self.assertLessEqual(len(found.hits), 5)
         studies = self._wait(logic.studiesTask())
@@ -1050,5 +1151,5 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             self.assertIsNone(answer.uploaded)  # asked by id: nothing uploaded
             self.assertEqual(answer.result.study_id, studies[0].study_id)
             logic.showAnswer(answer)
-            self._assertSameGrid(read_header(answer.result.heatmaps[0].path), logic.scanNodeOf(0))
+            self._assertSameGrid(logic.showHeatmap(0), logic.scanNodeOf(0))
         self.delayDisplay("Test passed")

@@ -183,6 +183,7 @@ def test_the_module_file_defines_the_four_slicer_classes():
 
 
 def test_the_client_layer_imports_without_slicer_qt_vtk_or_numpy():
+    # SimpleITK is imported only when a heat map's grid is read
     code = (
         "import sys\n"
         "class Block:\n"
@@ -192,7 +193,7 @@ def test_the_client_layer_imports_without_slicer_qt_vtk_or_numpy():
         "sys.meta_path.insert(0, Block())\n"
         f"sys.path.insert(0, {str(SLICER_MODULE)!r})\n"
         "import SlicerHLIPLib\n"
-        "from SlicerHLIPLib import client, errors, findings, multipart, nifti, settings, study, tasks\n"
+        "from SlicerHLIPLib import client, errors, findings, multipart, settings, study, tasks, volumefile\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('slicer', 'qt', 'vtk', 'numpy')))\n"
         "print(len(SlicerHLIPLib.load_regions()))\n"
     )
