@@ -954,11 +954,12 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 return nodeID
         return None
 
-    def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False):
+    def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False, legend=True):
         """Show finding ``row``'s heat map over its scan in every slice view: foreground layer at
-        ``opacity``, warm colours over [0, 1], values below ``threshold`` transparent; optionally as
-        volume rendering in the 3D view. Remembers the finding, opacity and threshold in the
-        parameter node. Returns the heat-map node, or None (the finding has no heat map)."""
+        ``opacity``, warm colours over [0, 1], values below ``threshold`` transparent, with a colour
+        legend (Slicer's colour legend display node) if ``legend``; optionally as volume rendering
+        in the 3D view. Remembers the finding, opacity and threshold in the parameter node.
+        Returns the heat-map node, or None (the finding has no heat map)."""
         node = self.heatmapNode(row)
         if self.answer is not None and 0 <= row < len(self.answer.result.rows):
             self.setParameter("SelectedFinding", self.answer.result.rows[row].finding)
@@ -978,8 +979,20 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         scan = self.scanNodeOf(row)
         slicer.util.setSliceViewerLayers(background=scan if scan is not None else "keep-current", foreground=node,
                                          foregroundOpacity=opacity)
+        self._showLegend(node, legend)  # after the layers: the legend's views update when it changes
         self._showVolumeRendering(node if volumeRendering else None, threshold)
         return node
+
+    @staticmethod
+    def _showLegend(node, visible):
+        """The heat map's colour legend (created on first use), titled with its finding."""
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(node)
+        if legend is None:
+            if not visible:
+                return
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
+        legend.SetTitleText(node.GetAttribute(HEATMAP_ATTRIBUTE) or node.GetName())
+        legend.SetVisibility(bool(visible))
 
     def _showVolumeRendering(self, node, threshold):
         vrLogic = slicer.modules.volumerendering.logic()
