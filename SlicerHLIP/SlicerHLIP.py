@@ -985,13 +985,14 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _showLegend(node, visible):
-        """The heat map's colour legend (created on first use), titled with its finding."""
+        """The heat map's colour legend (created on first use); the finding is the node's attribute
+        and the table's selected row (a long finding would not fit as the legend's title)."""
         legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(node)
         if legend is None:
             if not visible:
                 return
             legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
-        legend.SetTitleText(node.GetAttribute(HEATMAP_ATTRIBUTE) or node.GetName())
+        legend.SetTitleText(_("Heat map"))
         legend.SetVisibility(bool(visible))
 
     def _showVolumeRendering(self, node, threshold):

@@ -84,14 +84,19 @@ def test_the_extension_cmakelists_has_every_metadata_variable():
     assert calls[-2:] == [("include", "${Slicer_EXTENSION_GENERATE_CONFIG}"), ("include", "${Slicer_EXTENSION_CPACK}")]
     # the repository URL is defined once; homepage, icon and screenshots derive from it
     repository = values["SlicerHLIP_REPOSITORY_URL"]
-    raw = values["SlicerHLIP_RAW_URL"]
-    owner_repo = re.fullmatch(r"https://github\.com/([^/]+/[^/]+)", repository).group(1)
-    assert raw == f"https://raw.githubusercontent.com/{owner_repo}/main"
+    assert re.fullmatch(r"https://github\.com/[^/]+/[^/]+", repository), repository
+    assert "SlicerHLIP_RAW_URL" not in values  # derived from the repository's URL, not typed a second time
+    assert ("string", "REPLACE https://github.com/ https://raw.githubusercontent.com/ SlicerHLIP_RAW_URL ${SlicerHLIP_REPOSITORY_URL}") in calls
+    assert ("string", "APPEND SlicerHLIP_RAW_URL /main") in calls
     assert values["EXTENSION_HOMEPAGE"].startswith("${SlicerHLIP_REPOSITORY_URL}")
     icon = values["EXTENSION_ICONURL"]
     assert icon.startswith("${SlicerHLIP_RAW_URL}/") and (REPO / icon.split("}/", 1)[1]).is_file(), icon
-    for url in values["EXTENSION_SCREENSHOTURLS"].split():
-        assert url.startswith("${SlicerHLIP_RAW_URL}/") and url.endswith((".png", ".jpg")), url
+    screenshots = values["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots
+    for url in screenshots:  # committed, small PNGs
+        assert url.startswith("${SlicerHLIP_RAW_URL}/") and url.endswith(".png"), url
+        data = (REPO / url.split("}/", 1)[1]).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 600_000, (url, len(data))
     assert len(values["EXTENSION_DESCRIPTION"].split(".")[0]) > 40  # a sentence a non-expert can read
     assert (REPO / "LICENSE.txt").is_file()
 
