@@ -67,6 +67,7 @@ WRITING_VOLUMES = "Writing the volumes"
 
 class SlicerHLIP(ScriptedLoadableModule):
     def __init__(self, parent):
+        """The module's title, category, contributors, help and acknowledgement."""
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("HLIP Study Findings")
         self.parent.categories = [_("Informatics")]
@@ -88,10 +89,12 @@ class QSettingsStore:
     """SlicerHLIPLib's settings store on Slicer's application settings."""
 
     def value(self, key, default=None):
+        """The setting ``key``, or ``default`` when unset."""
         value = qt.QSettings().value(key)
         return default if value is None else value
 
     def set_value(self, key, value):
+        """Remember ``value`` as setting ``key``."""
         qt.QSettings().setValue(key, value)
 
 
@@ -104,6 +107,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wiring only: reads the panel, calls the logic, shows results and errors."""
 
     def __init__(self, parent=None):
+        """The panel before setup(): no widgets, no logic, no observers yet."""
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
@@ -114,6 +118,8 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._listedVolumeIDs = set()  # node ids in the volume list, so that new ones get the default check
 
     def setup(self):
+        """Build the panel from SlicerHLIP.ui, create the logic, fill the controls from the scene's parameter
+        node (else the remembered settings), wire the signals and observe the scene."""
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerHLIP.ui"))
         self.layout.addWidget(uiWidget)
@@ -170,10 +176,44 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self.updateGUIFromParameterNode()
         self.refreshVolumes()
         self._setBusy(False)
 
+    def updateGUIFromParameterNode(self):
+        """Show the parameter node's state in the panel (server address, findings text, heat-map
+        opacity and threshold); values the node does not hold yet come from the remembered settings."""
+        logic = self.logic
+        url = logic.parameter("ServerURL")
+        if url:
+            self.ui.serverUrlComboBox.setCurrentText(url)
+        text = logic.getParameterNode().GetParameter("FindingsText")
+        if text:
+            self.ui.findingsTextEdit.setPlainText(text)
+        self.ui.heatmapOpacitySliderWidget.value = logic.parameter("HeatmapOpacity")
+        self.ui.heatmapThresholdSliderWidget.value = logic.parameter("HeatmapThreshold")
+
+    def onSceneEndImport(self, caller=None, event=None):
+        """A scene was loaded (e.g. a .mrb): take its parameter node's state, its findings table
+        (shown, flagged rows highlighted) and select the finding it was saved with."""
+        self.logic.restoreFromScene()
+        self.updateGUIFromParameterNode()
+        table = self.logic.tableNode
+        self.ui.findingsTableView.setMRMLTableNode(table)
+        if table is None:
+            return
+        self._decorateFindingsTable()
+        self.ui.resultsCollapsibleButton.collapsed = False
+        selected = self.logic.parameter("SelectedFinding")
+        for row, item in enumerate(self.logic.tableRows):
+            if item["Finding"] == selected:
+                self._selectFindingRow(row)
+                break
+
     def cleanup(self):
+        """Called when the module is closed or reloaded: cancel a running request, stop the timers,
+        remove the observers and the logic's temporary files."""
         if self._task is not None and not self._task.done:
             self._task.cancel()
         for timer in (self._timer, self._volumesTimer):
@@ -266,6 +306,8 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("SlicerHLIP failed: ") + str(error))
 
     def onCancel(self):
+        """Cancel button: ask the running request to stop (uploads stop between chunks; a wait for the
+        server is abandoned at once)."""
         if self._task is not None:
             self._task.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
@@ -273,6 +315,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- server --------------------------------------------------------------------------------------
 
     def onConnect(self):
+        """Connect button: connect to the address typed in 'Server', in the background."""
         try:
             task = self.logic.connectTask(self.ui.serverUrlComboBox.currentText)
         except ValueError as e:
@@ -283,6 +326,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onConnected(self, info):
         self.logic.settings.server_url = info.url  # remembered once the server has answered
+        self.logic.setParameter("ServerURL", info.url)
         self.ui.loginFrame.hide()
         self.ui.passwordLineEdit.clear()
         if self.ui.serverUrlComboBox.findText(info.url) < 0:
@@ -331,6 +375,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentText(name)
 
     def onLogin(self):
+        """Log in button (shown when the server asks for it): log in with the user name and password."""
         try:
             task = self.logic.loginTask(self.ui.usernameLineEdit.text, self.ui.passwordLineEdit.text)
         except ValueError as e:
@@ -339,6 +384,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run(task, self._onConnected, _("Logging in..."))
 
     def onListServerStudies(self):
+        """Refresh button of 'Server study': list the server's datastore studies."""
         try:
             task = self.logic.studiesTask()
         except ValueError as e:
@@ -353,6 +399,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("{count} studies on the server.").format(count=len(studies))
 
     def onLoadServerStudy(self):
+        """Load button of 'Server study': download the chosen study and load its scans."""
         self._loadServerStudy(self.ui.serverStudyComboBox.currentData)
 
     def _loadServerStudy(self, studyId):
@@ -376,13 +423,17 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- volumes -------------------------------------------------------------------------------------
 
     def onSceneNodesChanged(self, caller=None, event=None):
+        """A node was added to or removed from the scene: refresh the volume list once the burst is over."""
         self._volumesTimer.start()  # after the scene has finished adding or removing
 
     def onSceneEndClose(self, caller=None, event=None):
+        """The scene was closed: forget the answer, refresh the volume list."""
         self.logic.forgetAnswer()
         self.refreshVolumes()
 
     def refreshVolumes(self):
+        """Refill the volume list from the scene, keeping the user's checks (new volumes of the active
+        study are checked)."""
         if self.logic is None:
             return
         volumes = self.logic.sceneVolumes()
@@ -420,16 +471,21 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- ask -------------------------------------------------------------------------------------------
 
     def onRegionChanged(self, name):
+        """'Start from' changed: remember the chosen list of findings."""
         self.logic.settings.region = name
 
     def onUseRegionDefaults(self):
+        """'Use its findings' button: put the chosen list's findings in the findings text."""
         region = region_named(self.ui.regionComboBox.currentText, self.logic.regions)
         self.ui.findingsTextEdit.setPlainText(findings_text(region.findings))
 
     def onFindingsTextChanged(self):
+        """The findings text changed: remember it (settings and parameter node)."""
         self.logic.settings.findings_text = self.ui.findingsTextEdit.toPlainText()
+        self.logic.setParameter("FindingsText", self.ui.findingsTextEdit.toPlainText())
 
     def onAsk(self):
+        """Ask button: send the checked volumes (or the server study's id) with the findings text."""
         try:
             findings = parse_findings_text(self.ui.findingsTextEdit.toPlainText(), self.logic.maxFindings())
             task = self.logic.startQuestion(self._checkedVolumeIDs(), findings, heatmaps=self.ui.heatmapsCheckBox.checked,
@@ -518,12 +574,17 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view.sortFilterProxyModel().invalidate()  # re-sort on the new keys and repaint (the selection is kept)
 
     def onFindingSelected(self):
+        """A row of the findings table was selected: show its heat map."""
         self.onHeatmapDisplayChanged()
 
     def onHeatmapDisplayChanged(self, *args):
+        """Opacity, threshold or volume rendering changed (or a row was selected): remember the values and
+        show the selected finding's heat map with them."""
         settings = self.logic.settings
         settings.heatmap_opacity = self.ui.heatmapOpacitySliderWidget.value
         settings.heatmap_threshold = self.ui.heatmapThresholdSliderWidget.value
+        self.logic.setParameter("HeatmapOpacity", self.ui.heatmapOpacitySliderWidget.value)
+        self.logic.setParameter("HeatmapThreshold", self.ui.heatmapThresholdSliderWidget.value)
         row = self._selectedFindingRow()
         if row is None:
             return
@@ -537,6 +598,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("No heat map for this finding (ask with 'Heat map per finding' checked).")
 
     def onProbabilityThresholdChanged(self, value):
+        """The flag threshold changed: re-flag and re-highlight the table's rows."""
         self.logic.settings.probability_threshold = value
         self.logic.updateFlags(value)
         self._decorateFindingsTable()
@@ -544,6 +606,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- search -----------------------------------------------------------------------------------------
 
     def onSearch(self):
+        """Search button (or Return): find the server's studies that match the text."""
         try:
             task = self.logic.searchTask(self.ui.searchLineEdit.text, self.ui.searchCountSpinBox.value)
         except ValueError as e:
@@ -564,6 +627,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = text
 
     def onLoadSearchResult(self):
+        """Load button of the search results: download and load the selected study."""
         rows = self.ui.searchResultsTableWidget.selectionModel().selectedRows()
         if not rows:
             slicer.util.warningDisplay(_("Select a study in the search results first."))
@@ -581,6 +645,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
     BackgroundTasks (started by the caller). Methods that touch the scene run on the main thread."""
 
     def __init__(self, settingsStore=None):
+        """``settingsStore``: where settings are remembered between sessions (Slicer's QSettings by
+        default; MemorySettings in tests)."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.settings = RememberedSettings(settingsStore if settingsStore is not None else QSettingsStore())
         self.regions = load_regions()
@@ -594,11 +660,13 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self._workDir = None
 
     def workDir(self):
+        """A temporary folder for this session's files (uploads, downloads, heat maps), made on first use."""
         if self._workDir is None or not os.path.isdir(self._workDir):
             self._workDir = tempfile.mkdtemp(prefix="SlicerHLIP-")
         return self._workDir
 
     def cleanup(self):
+        """Delete the temporary folder."""
         if self._workDir:
             shutil.rmtree(self._workDir, ignore_errors=True)
             self._workDir = None
@@ -635,18 +703,24 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return BackgroundTask(work, "SlicerHLIP login")
 
     def requireClient(self, connected=True):
+        """The client of the connected server; ValueError when there is none (or, with
+        ``connected=False``, only an address has been given)."""
         if self.client is None or (connected and self.serverInfo is None):
             raise ValueError(_("Connect to an HLIP server first."))
         return self.client
 
     def maxFindings(self):
+        """The most findings the server takes in one question (None: not connected or no limit)."""
         return self.serverInfo.max_findings if self.serverInfo else None
 
     def studiesTask(self):
+        """A BackgroundTask listing the server's datastore studies (value: [StudyListing])."""
         client = self.requireClient()
         return BackgroundTask(lambda progress, cancel: client.studies(cancel), "SlicerHLIP studies")
 
     def searchTask(self, text, k=10):
+        """A BackgroundTask finding the ``k`` studies that best match ``text`` (value: SearchResult);
+        ValueError for empty text."""
         client = self.requireClient()
         if not (text or "").strip():
             raise ValueError(_("Type what to look for, e.g. 'hemorrhage with midline shift'."))
@@ -709,6 +783,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modalityOf(volumeNode):
+        """The DICOM Modality of a volume loaded from Slicer's DICOM database (None otherwise)."""
         instance = SlicerHLIPLogic._firstInstanceUID(volumeNode)
         if instance and slicer.dicomDatabase is not None:
             return slicer.dicomDatabase.instanceValue(instance, "0008,0060") or None
@@ -729,6 +804,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def activeVolumeID():
+        """The id of the background volume of the first slice view that shows one (None without views)."""
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return None
@@ -843,10 +919,16 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         names (the answer itself, with its heat-map files, is not kept in a scene: ask again to
         see other findings' heat maps)."""
         node = self.getParameterNode()
-        self.answer, self.tableRows = None, []
+        self.answer, self.shownRow = None, None
         self.tableNode = node.GetNodeReference(FINDINGS_TABLE_REFERENCE)
         heatmap = node.GetNodeReference(HEATMAP_REFERENCE)
         self.heatmapNodeID = heatmap.GetID() if heatmap is not None else None
+        self.tableRows = []
+        table = self.tableNode
+        for row in range(table.GetNumberOfRows() if table is not None else 0):
+            cells = {name: table.GetCellText(row, c) for c, (name, _) in enumerate(TABLE_COLUMNS)}
+            cells.update({name: float(cells[name] or 0.0) for name, kind in TABLE_COLUMNS if kind == "double"})
+            self.tableRows.append(cells)
 
     # -- answers ---------------------------------------------------------------------------------------
 
@@ -925,7 +1007,12 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         that finding has none. One node serves every finding: showing another finding reads its
         file into the same node with the node's own storage node (Slicer's reader), so nodes do
         not pile up; the map lies on its scan's voxel grid and follows the scan's transform."""
-        if self.answer is None or row not in self.answer.result.heatmaps:
+        if self.answer is None:  # a scene loaded from a file: only the map it was saved with
+            node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+            if node is not None and 0 <= row < len(self.tableRows) and node.GetAttribute(HEATMAP_ATTRIBUTE) == self.tableRows[row]["Finding"]:
+                return node
+            return None
+        if row not in self.answer.result.heatmaps:
             return None
         heatmap = self.answer.result.heatmaps[row]
         node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
@@ -961,8 +1048,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         in the 3D view. Remembers the finding, opacity and threshold in the parameter node.
         Returns the heat-map node, or None (the finding has no heat map)."""
         node = self.heatmapNode(row)
-        if self.answer is not None and 0 <= row < len(self.answer.result.rows):
-            self.setParameter("SelectedFinding", self.answer.result.rows[row].finding)
+        if 0 <= row < len(self.tableRows):
+            self.setParameter("SelectedFinding", self.tableRows[row]["Finding"])
         self.setParameter("HeatmapOpacity", opacity)
         self.setParameter("HeatmapThreshold", threshold)
         if node is None:
@@ -996,6 +1083,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         legend.SetVisibility(bool(visible))
 
     def _showVolumeRendering(self, node, threshold):
+        """Volume rendering of ``node`` (warm colours, transparent below ``threshold``) in the 3D view;
+        with ``node`` None, the heat map's volume rendering is hidden."""
         vrLogic = slicer.modules.volumerendering.logic()
         if node is None:
             heatmap = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
@@ -1029,13 +1118,16 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
     ``HLIP_SERVER_URL=http://127.0.0.1:8000 Slicer --python-code "..."``."""
 
     def setUp(self):
+        """A cleared scene and a temporary folder."""
         slicer.mrmlScene.Clear(0)
         self.tempDir = tempfile.mkdtemp(prefix="SlicerHLIPTest-")
 
     def tearDown(self):
+        """Delete the temporary folder."""
         shutil.rmtree(self.tempDir, ignore_errors=True)
 
     def runTest(self):
+        """Every test of the module, each in a cleared scene."""
         for test in (self.test_VolumeIsWrittenWithItsGeometry, self.test_AnswerBecomesTableAndHeatmap, self.test_ServerRoundTrip):
             self.setUp()
             try:

@@ -237,6 +237,11 @@ def test_the_panel_state_is_restored_from_a_saved_mrb(app, server, scene, tmp_pa
     assert np.allclose(SlicerHLIP.slicer.util.arrayFromVolume(heat), heat_values, atol=1e-6)
     scan_again = scene.GetFirstNodeByName(scan.GetName())
     assert_on_grid_of(heat, scan_again)
+    # the saved finding's map is shown again from the scene; the others need a new answer
+    assert restored.showHeatmap(1, opacity=0.45, threshold=0.3) is heat
+    assert restored.showHeatmap(0) is None and restored.parameter("SelectedFinding") == FINDINGS[0]
+    composite = app.slice_logics["Red"].GetSliceCompositeNode()  # the slice views' layers came back with the scene
+    assert composite.GetForegroundVolumeID() == heat.GetID() and composite.GetBackgroundVolumeID() == scan_again.GetID()
 
 
 # -- what the views show -----------------------------------------------------------------------------------

@@ -232,3 +232,18 @@ def test_the_default_findings_cover_three_regions_within_the_servers_limits():
 def test_no_machine_specific_paths(path):
     text = (REPO / path).read_text()
     assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
+
+
+def test_every_public_method_of_the_widget_and_the_logic_has_a_docstring():
+    tree = ast.parse((SLICER_MODULE / "SlicerHLIP.py").read_text())
+    missing = [f"{c.name}.{f.name}" for c in tree.body if isinstance(c, ast.ClassDef) and c.name in ("SlicerHLIPWidget", "SlicerHLIPLogic")
+               for f in c.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("_") and not ast.get_docstring(f)]
+    assert not missing, missing
+
+
+def test_the_module_reads_and_writes_volumes_only_with_slicers_own_readers_and_writers():
+    text = (SLICER_MODULE / "SlicerHLIP.py").read_text()
+    assert not (SLICER_MODULE / "SlicerHLIPLib" / "nifti.py").exists()
+    for hand_written in ("nifti", "write_nifti", "read_voxels", "slicer.util.loadVolume", "slicer.util.saveNode"):
+        assert hand_written not in text, hand_written
+    assert "vtkMRMLVolumeArchetypeStorageNode" in text and "AddArchetypeVolume" in text
