@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "Screenshots", help="where the PNG files go (default: Screenshots/)")
     parser.add_argument("--tries", type=int, default=8, help="studies asked at most, to find one whose planted finding is flagged")
     parser.add_argument("--round-trips", type=int, default=0, help="ask the chosen study this many more times and print the times")
+    parser.add_argument("--dicom-series", type=Path, help="also time the round trip of this DICOM series folder (loaded by Slicer)")
     parser.add_argument("--view-size", type=int, default=400, help="pixels of each view of the Four-Up layout")
     args = parser.parse_args(argv)
 
@@ -180,6 +181,21 @@ def main(argv=None) -> int:
         render_table(logic.findingsTableNode(), flagged, args.out / "SlicerHLIP-findings.png")
         print(f"wrote {args.out / 'SlicerHLIP-four-up.png'} and {args.out / 'SlicerHLIP-findings.png'}: held-out study {study_id}, "
               f"heat map of {findings[planted]!r}")
+        if args.dicom_series:  # a real DICOM series read by Slicer's archetype reader, uploaded and asked
+            app.clear()
+            first = sorted(p for p in args.dicom_series.iterdir() if p.is_file())[0]
+            series = slicer.modules.volumes.logic().AddArchetypeVolume(str(first), "DICOM series", 0)
+            seconds = []
+            for _ in range(max(1, args.round_trips)):
+                started = time.perf_counter()
+                answer = wait(logic.startQuestion([series.GetID()], asked, heatmaps=True, regionName="Brain MRI"))
+                logic.showAnswer(answer, 0.5)
+                logic.showHeatmap(0, opacity=0.55, threshold=0.35)
+                seconds.append(time.perf_counter() - started)
+            seconds.sort()
+            print(f"round trip of the DICOM series ({'x'.join(map(str, series.GetImageData().GetDimensions()))} voxels, "
+                  f"{len(asked)} findings with heat maps), {len(seconds)} times: median {seconds[len(seconds) // 2]:.2f} s, "
+                  f"min {seconds[0]:.2f} s, max {seconds[-1]:.2f} s (server {answer.result.server_ms or 0:.0f} ms in the last)")
     app.close()
     return 0
 
