@@ -54,10 +54,6 @@ WARM_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTabl
 POLL_MS = 100
 SORT_ROLE = qt.Qt.UserRole + 101  # the findings table view sorts on this role: numbers for numeric columns
 FLAGGED_ROW_COLOR = (255, 140, 0, 110)  # RGBA: a translucent orange over the view's own background, light or dark
-# Messages the worker threads report (plain English, never translated there): the panel shows their
-# translation, made on the GUI thread; any other message (from SlicerHLIPLib) is shown as it comes.
-READING_VOLUMES = "Reading the volumes"
-WRITING_VOLUMES = "Writing the volumes"
 
 
 #
@@ -270,8 +266,6 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _progressText(message):
         """A worker's progress message in the user's language (worker threads never call the translator)."""
         known = {
-            READING_VOLUMES: _("Reading the volumes"),
-            WRITING_VOLUMES: _("Writing the volumes"),
             "Uploading": _("Uploading"),
             "The server is reading the study and computing the findings": _("The server is reading the study and computing the findings"),
             "Findings received": _("Findings received"),

@@ -173,7 +173,6 @@ def test_failures_leave_the_scene_as_it_was_and_say_what_happened(app, server, s
     logic = new_logic(server)
     logic.showAnswer(wait(logic.startQuestion([t1.GetID()], FINDINGS[:1])))  # an earlier answer on show
     logic.showHeatmap(0, opacity=0.3, threshold=0.2)
-    before = scene_state(scene)
     table = logic.findingsTableNode()
     cells = [table.GetCellText(0, c) for c in range(table.GetNumberOfColumns())]
 
@@ -181,18 +180,18 @@ def test_failures_leave_the_scene_as_it_was_and_say_what_happened(app, server, s
     coarse.SetAttribute("HLIP.serverImage", "no-such-image")
     coarse.SetAttribute("HLIP.serverStudyImages", "no-such-image")
     before = scene_state(scene)
-    with pytest.raises(NotFound, match="(?i)not found|no study"):
+    with pytest.raises(NotFound, match="Not found on the server: .*no-such"):
         wait(logic.startQuestion([coarse.GetID()], FINDINGS[:1]))
     assert scene_state(scene) == before
 
     logic.client = HLIPClient(unused_port_url(), connect_timeout=2)  # the server went away
-    with pytest.raises(ServerUnreachable, match="(?i)no hlip server|nothing|not reach|cannot reach|refused"):
+    with pytest.raises(ServerUnreachable, match="Server not reachable at .*; is it running"):
         wait(logic.startQuestion([t1.GetID()], FINDINGS[:1]))
     assert scene_state(scene) == before
 
     with silent_server() as url:  # a server that never answers
         logic.client = HLIPClient(url, timeout=1, infer_timeout=1, connect_timeout=1)
-        with pytest.raises(RequestTimeout, match="(?i)did not answer|timed out|time"):
+        with pytest.raises(RequestTimeout, match=r"did not answer .* within 1 s"):
             wait(logic.startQuestion([t1.GetID()], FINDINGS[:1]))
     assert scene_state(scene) == before
     assert [table.GetCellText(0, c) for c in range(table.GetNumberOfColumns())] == cells
