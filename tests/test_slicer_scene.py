@@ -292,3 +292,22 @@ def test_the_views_show_the_heat_map_inside_its_region_only_and_a_colour_legend(
     warm = no_legend[..., 0].astype(int) > no_legend[..., 2].astype(int) + 30
     assert overlay[inside].mean() > 0.95 and warm[inside].mean() > 0.9  # the overlay colour inside the map's region
     assert not overlay[~inside].any()  # and none outside it
+
+
+def test_the_heat_map_in_3d_is_slicers_volume_rendering_of_it(app, server, scene, tmp_path):
+    import SlicerHLIP
+
+    t1, _ = load_real_study(app, tmp_path)
+    logic = new_logic(server)
+    logic.showAnswer(wait(logic.startQuestion([t1.GetID()], FINDINGS[:1])))
+    logic.showHeatmap(0, opacity=0.5, threshold=0.3, volumeRendering=False)
+    before = app.render_three_d_view()  # the slice views' layers and the legend, no volume rendering yet
+    heat = logic.showHeatmap(0, opacity=0.5, threshold=0.3, volumeRendering=True)
+    vr = SlicerHLIP.slicer.modules.volumerendering.logic().GetFirstVolumeRenderingDisplayNode(heat)
+    assert vr is not None and vr.GetVisibility()
+    shown = app.render_three_d_view()
+    changed = np.abs(shown.astype(int) - before.astype(int)).sum(axis=2) > 30
+    assert changed.sum() > 100  # the rendering is drawn in the 3D view
+    assert (shown[changed][:, 0].astype(int) > shown[changed][:, 2].astype(int)).mean() > 0.5  # in warm colours
+    logic.showHeatmap(0, opacity=0.5, threshold=0.3, volumeRendering=False)
+    assert not vr.GetVisibility()
