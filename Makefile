@@ -8,9 +8,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: env demo test bench clean-env
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-slicer.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -r requirements.txt
+	$(BIN)/pip install -c constraints.txt -r requirements.txt -r requirements-slicer.txt
 	$(BIN)/pip install --no-deps -e .
 	touch $(STAMP)
 

@@ -2,9 +2,11 @@
 
 The module is two layers. ``SlicerHLIPLib`` (plain Python, no slicer/qt/vtk) talks to the server,
 parses answers, remembers settings and decides what to send; this file only turns volume nodes
-into NIfTI files and answers into nodes (a findings table, heat-map volumes), and wires the panel.
-Every request runs on a worker thread; the panel polls it with a QTimer, so the GUI never waits
-for the network (only for writing a volume file or reading one heat map).
+into files and answers into nodes (a findings table, a heat-map volume), with Slicer's own
+storage nodes and Volumes logic, keeps the panel's state in a parameter node (saved with the
+scene), and wires the panel. Every request runs on a worker thread; the panel polls it with a
+QTimer, so the GUI never waits for the network (only for writing a volume file or reading one heat
+map, both done by Slicer's readers and writers on the main thread).
 """
 import logging
 import os
@@ -26,13 +28,25 @@ except ImportError:  # Slicer before 5.4
 
 from SlicerHLIPLib import (TABLE_COLUMNS, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, HLIPError,
                            LocalVolume, MemorySettings, RememberedSettings, ask, default_selection, findings_preview, is_flagged,
-                           load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question, read_header,
-                           region_named, table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
+                           load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question, region_named,
+                           table_row_of_model_row, table_rows, table_sort_keys, with_server_defaults)
 from SlicerHLIPLib.findings import findings_text
-from SlicerHLIPLib.nifti import NiftiError, read_voxels, write_nifti
 
 HOMEPAGE = "https://github.com/hlip-slicer/SlicerHLIP#readme"
+MODULE_NAME = "SlicerHLIP"
 HEATMAP_ATTRIBUTE = "HLIP.heatmap"
+HEATMAP_NODE_NAME = "HLIP heat map"
+# The panel's state in the scene's parameter node (a vtkMRMLScriptedModuleNode, saved with the
+# scene): parameter -> (type, settings attribute that gives its default).
+PARAMETERS = {
+    "ServerURL": (str, "server_url"),
+    "FindingsText": (str, "findings_text"),
+    "SelectedFinding": (str, None),
+    "HeatmapOpacity": (float, "heatmap_opacity"),
+    "HeatmapThreshold": (float, "heatmap_threshold"),
+}
+FINDINGS_TABLE_REFERENCE = "FindingsTable"
+HEATMAP_REFERENCE = "Heatmap"
 SERVER_STUDY_ATTRIBUTE = "HLIP.serverStudy"
 SERVER_IMAGE_ATTRIBUTE = "HLIP.serverImage"
 SERVER_STUDY_IMAGES_ATTRIBUTE = "HLIP.serverStudyImages"
@@ -40,10 +54,6 @@ WARM_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTabl
 POLL_MS = 100
 SORT_ROLE = qt.Qt.UserRole + 101  # the findings table view sorts on this role: numbers for numeric columns
 FLAGGED_ROW_COLOR = (255, 140, 0, 110)  # RGBA: a translucent orange over the view's own background, light or dark
-# Messages the worker threads report (plain English, never translated there): the panel shows their
-# translation, made on the GUI thread; any other message (from SlicerHLIPLib) is shown as it comes.
-READING_VOLUMES = "Reading the volumes"
-WRITING_VOLUMES = "Writing the volumes"
 
 
 #
@@ -53,6 +63,7 @@ WRITING_VOLUMES = "Writing the volumes"
 
 class SlicerHLIP(ScriptedLoadableModule):
     def __init__(self, parent):
+        """The module's title, category, contributors, help and acknowledgement."""
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("HLIP Study Findings")
         self.parent.categories = [_("Informatics")]
@@ -74,10 +85,12 @@ class QSettingsStore:
     """SlicerHLIPLib's settings store on Slicer's application settings."""
 
     def value(self, key, default=None):
+        """The setting ``key``, or ``default`` when unset."""
         value = qt.QSettings().value(key)
         return default if value is None else value
 
     def set_value(self, key, value):
+        """Remember ``value`` as setting ``key``."""
         qt.QSettings().setValue(key, value)
 
 
@@ -90,6 +103,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wiring only: reads the panel, calls the logic, shows results and errors."""
 
     def __init__(self, parent=None):
+        """The panel before setup(): no widgets, no logic, no observers yet."""
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
@@ -100,6 +114,8 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._listedVolumeIDs = set()  # node ids in the volume list, so that new ones get the default check
 
     def setup(self):
+        """Build the panel from SlicerHLIP.ui, create the logic, fill the controls from the scene's parameter
+        node (else the remembered settings), wire the signals and observe the scene."""
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerHLIP.ui"))
         self.layout.addWidget(uiWidget)
@@ -156,10 +172,44 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self.updateGUIFromParameterNode()
         self.refreshVolumes()
         self._setBusy(False)
 
+    def updateGUIFromParameterNode(self):
+        """Show the parameter node's state in the panel (server address, findings text, heat-map
+        opacity and threshold); values the node does not hold yet come from the remembered settings."""
+        logic = self.logic
+        url = logic.parameter("ServerURL")
+        if url:
+            self.ui.serverUrlComboBox.setCurrentText(url)
+        text = logic.getParameterNode().GetParameter("FindingsText")
+        if text:
+            self.ui.findingsTextEdit.setPlainText(text)
+        self.ui.heatmapOpacitySliderWidget.value = logic.parameter("HeatmapOpacity")
+        self.ui.heatmapThresholdSliderWidget.value = logic.parameter("HeatmapThreshold")
+
+    def onSceneEndImport(self, caller=None, event=None):
+        """A scene was loaded (e.g. a .mrb): take its parameter node's state, its findings table
+        (shown, flagged rows highlighted) and select the finding it was saved with."""
+        self.logic.restoreFromScene()
+        self.updateGUIFromParameterNode()
+        table = self.logic.tableNode
+        self.ui.findingsTableView.setMRMLTableNode(table)
+        if table is None:
+            return
+        self._decorateFindingsTable()
+        self.ui.resultsCollapsibleButton.collapsed = False
+        selected = self.logic.parameter("SelectedFinding")
+        for row, item in enumerate(self.logic.tableRows):
+            if item["Finding"] == selected:
+                self._selectFindingRow(row)
+                break
+
     def cleanup(self):
+        """Called when the module is closed or reloaded: cancel a running request, stop the timers,
+        remove the observers and the logic's temporary files."""
         if self._task is not None and not self._task.done:
             self._task.cancel()
         for timer in (self._timer, self._volumesTimer):
@@ -216,8 +266,6 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _progressText(message):
         """A worker's progress message in the user's language (worker threads never call the translator)."""
         known = {
-            READING_VOLUMES: _("Reading the volumes"),
-            WRITING_VOLUMES: _("Writing the volumes"),
             "Uploading": _("Uploading"),
             "The server is reading the study and computing the findings": _("The server is reading the study and computing the findings"),
             "Findings received": _("Findings received"),
@@ -252,6 +300,8 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("SlicerHLIP failed: ") + str(error))
 
     def onCancel(self):
+        """Cancel button: ask the running request to stop (uploads stop between chunks; a wait for the
+        server is abandoned at once)."""
         if self._task is not None:
             self._task.cancel()
             self.ui.statusLabel.text = _("Cancelling...")
@@ -259,6 +309,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- server --------------------------------------------------------------------------------------
 
     def onConnect(self):
+        """Connect button: connect to the address typed in 'Server', in the background."""
         try:
             task = self.logic.connectTask(self.ui.serverUrlComboBox.currentText)
         except ValueError as e:
@@ -269,6 +320,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onConnected(self, info):
         self.logic.settings.server_url = info.url  # remembered once the server has answered
+        self.logic.setParameter("ServerURL", info.url)
         self.ui.loginFrame.hide()
         self.ui.passwordLineEdit.clear()
         if self.ui.serverUrlComboBox.findText(info.url) < 0:
@@ -317,6 +369,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentText(name)
 
     def onLogin(self):
+        """Log in button (shown when the server asks for it): log in with the user name and password."""
         try:
             task = self.logic.loginTask(self.ui.usernameLineEdit.text, self.ui.passwordLineEdit.text)
         except ValueError as e:
@@ -325,6 +378,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run(task, self._onConnected, _("Logging in..."))
 
     def onListServerStudies(self):
+        """Refresh button of 'Server study': list the server's datastore studies."""
         try:
             task = self.logic.studiesTask()
         except ValueError as e:
@@ -339,6 +393,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("{count} studies on the server.").format(count=len(studies))
 
     def onLoadServerStudy(self):
+        """Load button of 'Server study': download the chosen study and load its scans."""
         self._loadServerStudy(self.ui.serverStudyComboBox.currentData)
 
     def _loadServerStudy(self, studyId):
@@ -362,13 +417,17 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- volumes -------------------------------------------------------------------------------------
 
     def onSceneNodesChanged(self, caller=None, event=None):
+        """A node was added to or removed from the scene: refresh the volume list once the burst is over."""
         self._volumesTimer.start()  # after the scene has finished adding or removing
 
     def onSceneEndClose(self, caller=None, event=None):
+        """The scene was closed: forget the answer, refresh the volume list."""
         self.logic.forgetAnswer()
         self.refreshVolumes()
 
     def refreshVolumes(self):
+        """Refill the volume list from the scene, keeping the user's checks (new volumes of the active
+        study are checked)."""
         if self.logic is None:
             return
         volumes = self.logic.sceneVolumes()
@@ -406,16 +465,21 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- ask -------------------------------------------------------------------------------------------
 
     def onRegionChanged(self, name):
+        """'Start from' changed: remember the chosen list of findings."""
         self.logic.settings.region = name
 
     def onUseRegionDefaults(self):
+        """'Use its findings' button: put the chosen list's findings in the findings text."""
         region = region_named(self.ui.regionComboBox.currentText, self.logic.regions)
         self.ui.findingsTextEdit.setPlainText(findings_text(region.findings))
 
     def onFindingsTextChanged(self):
+        """The findings text changed: remember it (settings and parameter node)."""
         self.logic.settings.findings_text = self.ui.findingsTextEdit.toPlainText()
+        self.logic.setParameter("FindingsText", self.ui.findingsTextEdit.toPlainText())
 
     def onAsk(self):
+        """Ask button: send the checked volumes (or the server study's id) with the findings text."""
         try:
             findings = parse_findings_text(self.ui.findingsTextEdit.toPlainText(), self.logic.maxFindings())
             task = self.logic.startQuestion(self._checkedVolumeIDs(), findings, heatmaps=self.ui.heatmapsCheckBox.checked,
@@ -504,12 +568,17 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view.sortFilterProxyModel().invalidate()  # re-sort on the new keys and repaint (the selection is kept)
 
     def onFindingSelected(self):
+        """A row of the findings table was selected: show its heat map."""
         self.onHeatmapDisplayChanged()
 
     def onHeatmapDisplayChanged(self, *args):
+        """Opacity, threshold or volume rendering changed (or a row was selected): remember the values and
+        show the selected finding's heat map with them."""
         settings = self.logic.settings
         settings.heatmap_opacity = self.ui.heatmapOpacitySliderWidget.value
         settings.heatmap_threshold = self.ui.heatmapThresholdSliderWidget.value
+        self.logic.setParameter("HeatmapOpacity", self.ui.heatmapOpacitySliderWidget.value)
+        self.logic.setParameter("HeatmapThreshold", self.ui.heatmapThresholdSliderWidget.value)
         row = self._selectedFindingRow()
         if row is None:
             return
@@ -523,6 +592,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("No heat map for this finding (ask with 'Heat map per finding' checked).")
 
     def onProbabilityThresholdChanged(self, value):
+        """The flag threshold changed: re-flag and re-highlight the table's rows."""
         self.logic.settings.probability_threshold = value
         self.logic.updateFlags(value)
         self._decorateFindingsTable()
@@ -530,6 +600,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- search -----------------------------------------------------------------------------------------
 
     def onSearch(self):
+        """Search button (or Return): find the server's studies that match the text."""
         try:
             task = self.logic.searchTask(self.ui.searchLineEdit.text, self.ui.searchCountSpinBox.value)
         except ValueError as e:
@@ -550,6 +621,7 @@ class SlicerHLIPWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = text
 
     def onLoadSearchResult(self):
+        """Load button of the search results: download and load the selected study."""
         rows = self.ui.searchResultsTableWidget.selectionModel().selectedRows()
         if not rows:
             slicer.util.warningDisplay(_("Select a study in the search results first."))
@@ -567,6 +639,8 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
     BackgroundTasks (started by the caller). Methods that touch the scene run on the main thread."""
 
     def __init__(self, settingsStore=None):
+        """``settingsStore``: where settings are remembered between sessions (Slicer's QSettings by
+        default; MemorySettings in tests)."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.settings = RememberedSettings(settingsStore if settingsStore is not None else QSettingsStore())
         self.regions = load_regions()
@@ -575,15 +649,18 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.answer = None
         self.tableNode = None
         self.tableRows = []  # the rows (SlicerHLIPLib table_rows) last put in the table node, in its order
-        self.heatmapNodeIDs = {}  # finding row -> heat-map volume node id
+        self.heatmapNodeID = None  # the heat-map volume node (one for every finding)
+        self.shownRow = None  # the finding whose map that node holds
         self._workDir = None
 
     def workDir(self):
+        """A temporary folder for this session's files (uploads, downloads, heat maps), made on first use."""
         if self._workDir is None or not os.path.isdir(self._workDir):
             self._workDir = tempfile.mkdtemp(prefix="SlicerHLIP-")
         return self._workDir
 
     def cleanup(self):
+        """Delete the temporary folder."""
         if self._workDir:
             shutil.rmtree(self._workDir, ignore_errors=True)
             self._workDir = None
@@ -620,65 +697,58 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return BackgroundTask(work, "SlicerHLIP login")
 
     def requireClient(self, connected=True):
+        """The client of the connected server; ValueError when there is none (or, with
+        ``connected=False``, only an address has been given)."""
         if self.client is None or (connected and self.serverInfo is None):
             raise ValueError(_("Connect to an HLIP server first."))
         return self.client
 
     def maxFindings(self):
+        """The most findings the server takes in one question (None: not connected or no limit)."""
         return self.serverInfo.max_findings if self.serverInfo else None
 
     def studiesTask(self):
+        """A BackgroundTask listing the server's datastore studies (value: [StudyListing])."""
         client = self.requireClient()
         return BackgroundTask(lambda progress, cancel: client.studies(cancel), "SlicerHLIP studies")
 
     def searchTask(self, text, k=10):
+        """A BackgroundTask finding the ``k`` studies that best match ``text`` (value: SearchResult);
+        ValueError for empty text."""
         client = self.requireClient()
         if not (text or "").strip():
             raise ValueError(_("Type what to look for, e.g. 'hemorrhage with midline shift'."))
         return BackgroundTask(lambda progress, cancel: client.search(text, int(k), cancel), "SlicerHLIP search")
 
     def downloadStudyTask(self, studyId):
-        """Download every scan of a datastore study and read its voxels, off the GUI thread (value:
-        [(DownloadedScan, voxels [k, j, i] or None, IJK->RAS or None)]; None: a format only
-        Slicer's reader opens, loaded by loadDownloadedStudy)."""
+        """A BackgroundTask that downloads every scan of datastore study ``studyId`` to files
+        (value: [DownloadedScan]; loadDownloadedStudy reads them into the scene)."""
         client = self.requireClient()
         folder = tempfile.mkdtemp(prefix="study-", dir=self.workDir())
 
         def work(progress, cancel):
-            scans = client.download_study(studyId, folder, progress.scaled(0.0, 0.9), cancel)
-            loaded = []
-            for i, scan in enumerate(scans):
-                cancel.check()
-                progress(0.9 + 0.1 * i / max(1, len(scans)), READING_VOLUMES)  # translated by the panel
-                try:
-                    header, voxels = read_voxels(scan.path)
-                except (NiftiError, OSError, ValueError):
-                    header, voxels = None, None
-                if voxels is not None and voxels.ndim == 3:
-                    loaded.append((scan, voxels, header.affine_ras))
-                else:
-                    loaded.append((scan, None, None))
-            return loaded
+            return client.download_study(studyId, folder, progress, cancel)
 
         return BackgroundTask(work, "SlicerHLIP download")
 
-    def loadDownloadedStudy(self, studyId, loaded):
-        """Volume nodes from downloaded scans (memory copies of voxels read off the GUI thread), that
-        remember their server study and image. ``loaded``: the value of downloadStudyTask."""
-        import numpy as np
-
+    def loadDownloadedStudy(self, studyId, scans):
+        """Read downloaded scans (the value of downloadStudyTask) into volume nodes with Slicer's
+        Volumes logic; each node remembers its server study and image (node attributes), so that
+        asking them again sends only the study's id. Returns the nodes; the first one is shown.
+        Nothing is added when one of the files cannot be read (ValueError naming it)."""
         nodes = []
-        allImages = "\n".join(scan.image_id for scan, _, _ in loaded)
-        for scan, voxels, ijkToRas in loaded:
-            name = scan.description or scan.image_id
-            if voxels is not None:
-                node = slicer.util.addVolumeFromArray(voxels, np.array(ijkToRas), name)
-            else:
-                node = slicer.util.loadVolume(scan.path, {"name": name, "show": False})
+        allImages = "\n".join(scan.image_id for scan in scans)
+        try:
+            for scan in scans:
+                nodes.append(self.loadVolumeFile(scan.path, scan.description or scan.image_id))
+        except ValueError:
+            for node in nodes:
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        for scan, node in zip(scans, nodes):
             node.SetAttribute(SERVER_STUDY_ATTRIBUTE, studyId)
             node.SetAttribute(SERVER_IMAGE_ATTRIBUTE, scan.image_id)
             node.SetAttribute(SERVER_STUDY_IMAGES_ATTRIBUTE, allImages)
-            nodes.append(node)
         if nodes:
             slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
         return nodes
@@ -707,6 +777,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modalityOf(volumeNode):
+        """The DICOM Modality of a volume loaded from Slicer's DICOM database (None otherwise)."""
         instance = SlicerHLIPLogic._firstInstanceUID(volumeNode)
         if instance and slicer.dicomDatabase is not None:
             return slicer.dicomDatabase.instanceValue(instance, "0008,0060") or None
@@ -727,6 +798,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def activeVolumeID():
+        """The id of the background volume of the first slice view that shows one (None without views)."""
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
             return None
@@ -737,26 +809,50 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         return None
 
     def defaultSelection(self, volumes):
+        """The keys of ``volumes`` (LocalVolumes) checked by default: the study of the volume shown
+        in the slice views (SlicerHLIPLib.default_selection)."""
         return default_selection(volumes, self.activeVolumeID())
 
     @staticmethod
-    def volumeSnapshot(volumeNode):
-        """(voxels [k, j, i] copied, IJK->RAS 4x4 as lists): what a worker thread needs to write
-        the volume, taken on the main thread in the time of a memory copy."""
-        if volumeNode.GetImageData() is None:
+    def writeVolumeFile(volumeNode, path):
+        """Write a scalar volume node to ``path`` (.nii, .nii.gz, .nrrd) with Slicer's own writer
+        (vtkMRMLVolumeArchetypeStorageNode), in the node's local coordinates (IJK-to-RAS; a parent
+        transform stays with the node). Returns the path; ValueError when the node holds no scalar
+        image or the writer fails."""
+        image = volumeNode.GetImageData()
+        if image is None:
             raise ValueError(_("Volume '{name}' holds no image.").format(name=volumeNode.GetName()))
-        if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        if image.GetNumberOfScalarComponents() != 1:
             raise ValueError(_("Volume '{name}' has several components per voxel; choose a scalar volume.").format(
                 name=volumeNode.GetName()))
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)  # local coordinates: a parent transform stays with the node
-        return slicer.util.arrayFromVolume(volumeNode).copy(), [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: the node keeps its own
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(str(path).endswith(".gz"))
+        if not storage.WriteData(volumeNode):
+            raise ValueError(_("Slicer could not write volume '{name}' to a file.").format(name=volumeNode.GetName()))
+        return str(path)
+
+    @staticmethod
+    def loadVolumeFile(path, name):
+        """Read the volume file at ``path`` into a new scalar volume node called ``name`` with
+        Slicer's Volumes logic (its archetype storage node, display node and default window/level).
+        Returns the node; ValueError when Slicer cannot read the file."""
+        singleFile = 4  # vtkSlicerVolumesLogic option: this file alone, not a series found beside it
+        node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name, singleFile)
+        if node is None or node.GetImageData() is None:
+            if node is not None:
+                slicer.mrmlScene.RemoveNode(node)
+            raise ValueError(_("Slicer could not read the volume file '{file}'.").format(file=os.path.basename(str(path))))
+        return node
 
     # -- ask -------------------------------------------------------------------------------------------
 
     def startQuestion(self, nodeIDs, findings, heatmaps=True, regionName=None):
-        """Copy the chosen volumes' voxels (when they must be uploaded) and return the BackgroundTask
-        that writes them as NIfTI files, uploads them and asks (value: SlicerHLIPLib Answer)."""
+        """Write the chosen volumes (node ids) that must be uploaded as NIfTI files with Slicer's
+        writer, and return the BackgroundTask that uploads them and asks ``findings`` (a list of
+        strings), with a heat map per finding if ``heatmaps`` (value: SlicerHLIPLib Answer; shown
+        by showAnswer). ``regionName``: the findings list the question came from (its modality
+        is sent for volumes that name none). The scene is not changed."""
         client = self.requireClient()
         byKey = {v.key: v for v in self.sceneVolumes()}
         chosen = [byKey[k] for k in nodeIDs if k in byKey]
@@ -768,36 +864,90 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
                 volume.modality = volume.modality or modality
         question = plan_question(chosen)
         folder = tempfile.mkdtemp(prefix="question-", dir=self.workDir())
-        snapshots = {v.key: self.volumeSnapshot(slicer.mrmlScene.GetNodeByID(v.key)) for v in question.uploads}
+        try:
+            files = {volume.key: self.writeVolumeFile(slicer.mrmlScene.GetNodeByID(volume.key), os.path.join(folder, f"scan{i:02d}.nii"))
+                     for i, volume in enumerate(question.uploads)}
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         outDir = os.path.join(folder, "heatmaps")
 
         def work(progress, cancel):  # worker thread: no translation, no Qt
-            files = {}
-            for i, volume in enumerate(question.uploads):  # the files are written here, off the GUI thread
-                cancel.check()
-                progress(None, WRITING_VOLUMES)  # translated by the panel
-                voxels, ijkToRas = snapshots.pop(volume.key)
-                files[volume.key] = write_nifti(os.path.join(folder, f"scan{i:02d}.nii"), voxels, ijkToRas)
             return ask(client, findings, question, files, heatmaps=heatmaps, out_dir=outDir, progress=progress, cancel=cancel)
 
         return BackgroundTask(work, "SlicerHLIP findings")
 
+    # -- parameter node ------------------------------------------------------------------------------
+
+    def getParameterNode(self):
+        """The scene's SlicerHLIP parameter node (a singleton vtkMRMLScriptedModuleNode, created on
+        first use): the panel's state, saved and restored with the scene."""
+        scene = slicer.mrmlScene
+        node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+            node = scene.AddNode(node)
+        return node
+
+    def parameter(self, name):
+        """Parameter ``name`` (one of PARAMETERS) of the parameter node, as its type; unset, the
+        remembered setting (or "" for the selected finding)."""
+        kind, setting = PARAMETERS[name]
+        text = self.getParameterNode().GetParameter(name)
+        if text:
+            return kind(text)
+        default = getattr(self.settings, setting) if setting else ""
+        return kind(default if default is not None else "")
+
+    def setParameter(self, name, value):
+        """Set parameter ``name`` (one of PARAMETERS) of the parameter node to ``value``."""
+        if name not in PARAMETERS:
+            raise KeyError(name)
+        self.getParameterNode().SetParameter(name, "" if value is None else str(value))
+
+    def restoreFromScene(self):
+        """After a scene was loaded: take the findings table and heat-map nodes its parameter node
+        names (the answer itself, with its heat-map files, is not kept in a scene: ask again to
+        see other findings' heat maps)."""
+        node = self.getParameterNode()
+        self.answer, self.shownRow = None, None
+        self.tableNode = node.GetNodeReference(FINDINGS_TABLE_REFERENCE)
+        heatmap = node.GetNodeReference(HEATMAP_REFERENCE)
+        self.heatmapNodeID = heatmap.GetID() if heatmap is not None else None
+        self.tableRows = []
+        table = self.tableNode
+        for row in range(table.GetNumberOfRows() if table is not None else 0):
+            cells = {name: table.GetCellText(row, c) for c, (name, _) in enumerate(TABLE_COLUMNS)}
+            cells.update({name: float(cells[name] or 0.0) for name, kind in TABLE_COLUMNS if kind == "double"})
+            self.tableRows.append(cells)
+
+    # -- answers ---------------------------------------------------------------------------------------
+
     def forgetAnswer(self):
-        for nodeID in self.heatmapNodeIDs.values():
-            node = slicer.mrmlScene.GetNodeByID(nodeID)
-            if node is not None:
-                slicer.mrmlScene.RemoveNode(node)
-        self.heatmapNodeIDs = {}
+        """Remove the heat-map node of the previous answer and forget that answer (the findings
+        table node stays; it is refilled by the next answer)."""
+        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+        if node is not None:
+            slicer.mrmlScene.RemoveNode(node)
+        self.heatmapNodeID = None
+        self.shownRow = None
         self.answer = None
         self.tableRows = []
 
     def findingsTableNode(self):
+        """The findings table node (created on first use, named 'HLIP findings')."""
         if self.tableNode is None or slicer.mrmlScene.GetNodeByID(self.tableNode.GetID()) is None:
             self.tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "HLIP findings")
+            self.getParameterNode().SetNodeReferenceID(FINDINGS_TABLE_REFERENCE, self.tableNode.GetID())
         return self.tableNode
 
     def showAnswer(self, answer, probabilityThreshold=0.5):
-        """Put an answer in the findings table node (heat maps are loaded when a row is shown)."""
+        """Put ``answer`` (a SlicerHLIPLib Answer) in the findings table node, one row per finding in
+        the question's order, flagged at or above ``probabilityThreshold``; returns the table node.
+        Heat maps are read when a row is shown (showHeatmap)."""
         self.forgetAnswer()
         self.answer = answer
         table = self.findingsTableNode()
@@ -814,6 +964,7 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def setColumnTitlesInHeader(tableNode):
+        """Show the column titles of ``tableNode`` as its views' header (see columnTitlesInHeader)."""
         if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
             tableNode.SetUseColumnTitleAsColumnHeader(True)
         else:
@@ -841,36 +992,60 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         self.tableRows = rows
 
     def scanNodeOf(self, row):
+        """The volume node of the scan that drives finding ``row`` of the last answer, or None."""
         key = self.answer.row_keys.get(row) if self.answer else None
         return slicer.mrmlScene.GetNodeByID(key) if key else None
 
     def heatmapNode(self, row):
-        """The heat-map volume of finding ``row`` (loaded from its file on first use), or None."""
-        if self.answer is None or row not in self.answer.result.heatmaps:
+        """The heat-map volume node ('HLIP heat map') holding finding ``row``'s map, or None when
+        that finding has none. One node serves every finding: showing another finding reads its
+        file into the same node with the node's own storage node (Slicer's reader), so nodes do
+        not pile up; the map lies on its scan's voxel grid and follows the scan's transform."""
+        if self.answer is None:  # a scene loaded from a file: only the map it was saved with
+            node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+            if node is not None and 0 <= row < len(self.tableRows) and node.GetAttribute(HEATMAP_ATTRIBUTE) == self.tableRows[row]["Finding"]:
+                return node
             return None
-        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeIDs.get(row, "")) if row in self.heatmapNodeIDs else None
-        if node is not None:
-            return node
+        if row not in self.answer.result.heatmaps:
+            return None
         heatmap = self.answer.result.heatmaps[row]
-        node = slicer.util.loadVolume(heatmap.path, {"name": f"HLIP heat map: {heatmap.finding}", "show": False})
+        node = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+        if node is None:
+            node = self.loadVolumeFile(heatmap.path, HEATMAP_NODE_NAME)
+            self.heatmapNodeID = node.GetID()
+            self.getParameterNode().SetNodeReferenceID(HEATMAP_REFERENCE, node.GetID())
+        elif self.shownRow != row:
+            storage = node.GetStorageNode()
+            storage.SetFileName(heatmap.path)
+            if not storage.ReadData(node):
+                raise ValueError(_("Slicer could not read the heat map of '{finding}'.").format(finding=heatmap.finding))
+        self.shownRow = row
         node.SetAttribute(HEATMAP_ATTRIBUTE, heatmap.finding)
         scan = self.scanNodeOf(row)
-        if scan is not None:  # the file was written in the scan's local space: keep its transform
-            node.SetAndObserveTransformNodeID(scan.GetTransformNodeID())
-        self.heatmapNodeIDs[row] = node.GetID()
+        # the file was written in the scan's local space: keep its transform
+        node.SetAndObserveTransformNodeID(scan.GetTransformNodeID() if scan is not None else None)
         return node
 
     @staticmethod
     def warmColorNodeID():
+        """The id of the warm colour table heat maps are shown with (Inferno where Slicer has its
+        colour files, else the built-in Warm1), or None."""
         for nodeID in WARM_COLOR_NODE_IDS:
             if slicer.mrmlScene.GetNodeByID(nodeID) is not None:
                 return nodeID
         return None
 
-    def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False):
-        """Show finding ``row``'s heat map over its scan: foreground layer, warm colours, values
-        below ``threshold`` transparent; optionally as volume rendering. Returns the node (or None)."""
+    def showHeatmap(self, row, opacity=0.5, threshold=0.2, volumeRendering=False, legend=True):
+        """Show finding ``row``'s heat map over its scan in every slice view: foreground layer at
+        ``opacity``, warm colours over [0, 1], values below ``threshold`` transparent, with a colour
+        legend (Slicer's colour legend display node) if ``legend``; optionally as volume rendering
+        in the 3D view. Remembers the finding, opacity and threshold in the parameter node.
+        Returns the heat-map node, or None (the finding has no heat map)."""
         node = self.heatmapNode(row)
+        if 0 <= row < len(self.tableRows):
+            self.setParameter("SelectedFinding", self.tableRows[row]["Finding"])
+        self.setParameter("HeatmapOpacity", opacity)
+        self.setParameter("HeatmapThreshold", threshold)
         if node is None:
             return None
         display = node.GetDisplayNode()
@@ -885,17 +1060,31 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
         scan = self.scanNodeOf(row)
         slicer.util.setSliceViewerLayers(background=scan if scan is not None else "keep-current", foreground=node,
                                          foregroundOpacity=opacity)
+        self._showLegend(node, legend)  # after the layers: the legend's views update when it changes
         self._showVolumeRendering(node if volumeRendering else None, threshold)
         return node
 
+    @staticmethod
+    def _showLegend(node, visible):
+        """The heat map's colour legend (created on first use); the finding is the node's attribute
+        and the table's selected row (a long finding would not fit as the legend's title)."""
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(node)
+        if legend is None:
+            if not visible:
+                return
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(node)
+        legend.SetTitleText(_("Heat map"))
+        legend.SetVisibility(bool(visible))
+
     def _showVolumeRendering(self, node, threshold):
+        """Volume rendering of ``node`` (warm colours, transparent below ``threshold``) in the 3D view;
+        with ``node`` None, the heat map's volume rendering is hidden."""
         vrLogic = slicer.modules.volumerendering.logic()
-        for nodeID in self.heatmapNodeIDs.values():
-            other = slicer.mrmlScene.GetNodeByID(nodeID)
-            vr = vrLogic.GetFirstVolumeRenderingDisplayNode(other) if other is not None else None
-            if vr is not None and other is not node:
-                vr.SetVisibility(False)
         if node is None:
+            heatmap = slicer.mrmlScene.GetNodeByID(self.heatmapNodeID) if self.heatmapNodeID else None
+            vr = vrLogic.GetFirstVolumeRenderingDisplayNode(heatmap) if heatmap is not None else None
+            if vr is not None:
+                vr.SetVisibility(False)
             return
         vr = vrLogic.GetFirstVolumeRenderingDisplayNode(node) or vrLogic.CreateDefaultVolumeRenderingNodes(node)
         volumeProperty = vr.GetVolumePropertyNode().GetVolumeProperty()
@@ -918,18 +1107,21 @@ class SlicerHLIPLogic(ScriptedLoadableModuleLogic):
 
 
 class SlicerHLIPTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Developer mode's Reload and Test, or ctest). The server round trip runs
-    when HLIP_SERVER_URL names a running HLIP server, e.g.
+    """Runs inside Slicer (Developer mode's Reload and Test, or ctest), offline: its volumes are made
+    in the scene. The server round trip runs when HLIP_SERVER_URL names a running HLIP server, e.g.
     ``HLIP_SERVER_URL=http://127.0.0.1:8000 Slicer --python-code "..."``."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        """A cleared scene and a temporary folder."""
+        slicer.mrmlScene.Clear(0)
         self.tempDir = tempfile.mkdtemp(prefix="SlicerHLIPTest-")
 
     def tearDown(self):
+        """Delete the temporary folder."""
         shutil.rmtree(self.tempDir, ignore_errors=True)
 
     def runTest(self):
+        """Every test of the module, each in a cleared scene."""
         for test in (self.test_VolumeIsWrittenWithItsGeometry, self.test_AnswerBecomesTableAndHeatmap, self.test_ServerRoundTrip):
             self.setUp()
             try:
@@ -937,23 +1129,31 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             finally:
                 self.tearDown()
 
-    def _sampleVolume(self):
-        import SampleData
+    def _sampleVolume(self, name="HLIPTest scan", shift=(0.0, 0.0, 0.0)):
+        """A head-sized oblique, anisotropic scan (a bright ellipsoid in noise) made in the scene."""
+        import numpy as np
 
-        return SampleData.downloadSample("MRHead")
+        k, j, i = np.mgrid[0:24, 0:56, 0:48].astype("float32")
+        ellipsoid = ((i - 24) / 18) ** 2 + ((j - 28) / 22) ** 2 + ((k - 12) / 9) ** 2 < 1
+        voxels = (np.random.default_rng(0).normal(100, 10, ellipsoid.shape) + 400 * ellipsoid).astype("int16")
+        angle = np.deg2rad(12.0)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        ijkToRas = np.eye(4)
+        ijkToRas[:3, :3] = rotation @ np.diag([3.4, 3.1, 5.5])
+        ijkToRas[:3, 3] = np.array([-80.0, -95.0, -60.0]) + np.array(shift)
+        return slicer.util.addVolumeFromArray(voxels, ijkToRas, name)
 
-    @staticmethod
-    def _ijkToRas(volumeNode):
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        return [[matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
-
-    def _assertSameGrid(self, header, volumeNode):
-        self.assertEqual(tuple(header.size), tuple(volumeNode.GetImageData().GetDimensions()))
-        expected = self._ijkToRas(volumeNode)
+    def _assertSameGrid(self, node, scan):
+        """``node`` lies on ``scan``'s voxel grid: dimensions, spacing and IJK-to-RAS (1e-4 mm)."""
+        self.assertEqual(node.GetImageData().GetDimensions(), scan.GetImageData().GetDimensions())
+        for a, b in zip(node.GetSpacing(), scan.GetSpacing()):
+            self.assertAlmostEqual(a, b, delta=1e-4)
+        matrices = [vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()]
+        node.GetIJKToRASMatrix(matrices[0])
+        scan.GetIJKToRASMatrix(matrices[1])
         for r in range(3):
             for c in range(4):
-                self.assertAlmostEqual(header.affine_ras[r][c], expected[r][c], places=3)
+                self.assertAlmostEqual(matrices[0].GetElement(r, c), matrices[1].GetElement(r, c), delta=1e-4)
 
     def _wait(self, task, seconds=900):
         """Run a BackgroundTask to its end while Slicer keeps processing events."""
@@ -968,14 +1168,12 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         return task.result()
 
     def test_VolumeIsWrittenWithItsGeometry(self):
-        self.delayDisplay("A volume node becomes a NIfTI file with its geometry, written off the GUI thread")
+        self.delayDisplay("A volume node becomes a NIfTI file with its geometry, with Slicer's own writer and reader")
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
-        voxels, ijkToRas = logic.volumeSnapshot(volume)
-        path = write_nifti(os.path.join(self.tempDir, "volume.nii"), voxels, ijkToRas)
-        self._assertSameGrid(read_header(path), volume)
-        reloaded = slicer.util.loadVolume(path, {"name": "reloaded", "show": False})  # Slicer's own reader agrees
-        self._assertSameGrid(read_header(path), reloaded)
+        path = logic.writeVolumeFile(volume, os.path.join(self.tempDir, "volume.nii"))
+        reloaded = logic.loadVolumeFile(path, "reloaded")
+        self._assertSameGrid(reloaded, volume)
         self.assertTrue((slicer.util.arrayFromVolume(reloaded) == slicer.util.arrayFromVolume(volume)).all())
         slicer.mrmlScene.RemoveNode(reloaded)
         self.assertEqual([v.key for v in logic.sceneVolumes()], [volume.GetID()])
@@ -984,14 +1182,16 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
 
     def test_AnswerBecomesTableAndHeatmap(self):
         self.delayDisplay("An answer becomes a findings table and a heat-map overlay on its scan")
-        from SlicerHLIPLib import Answer, FindingRow, FindingsResult, HeatMap
+        from SlicerHLIPLib import Answer, FindingRow, FindingsResult, HeatMap, read_header
 
         volume = self._sampleVolume()
         logic = SlicerHLIPLogic(MemorySettings())
-        # a heat map in the scan's geometry: the scan itself scaled to [0, 1], written as the server would
-        voxels, ijkToRas = logic.volumeSnapshot(volume)
-        heat = voxels.astype("float32") / max(float(voxels.max()), 1.0)
-        path = write_nifti(os.path.join(self.tempDir, "heatmap_0.nii.gz"), heat, ijkToRas)
+        # a heat map in the scan's geometry, written as the server would: the scan scaled to [0, 1]
+        heat = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "heat")
+        voxels = slicer.util.arrayFromVolume(volume).astype("float32")
+        slicer.util.updateVolumeFromArray(heat, voxels / max(float(voxels.max()), 1.0))
+        path = logic.writeVolumeFile(heat, os.path.join(self.tempDir, "heatmap_0.nii.gz"))
+        slicer.mrmlScene.RemoveNode(heat)
         rows = [FindingRow(0, "mass effect", 0.8, 0.1, "scan00", "scan00", "scan00.nii", "heatmap_0"),
                 FindingRow(1, "midline shift", 0.3, -0.05, "scan00", "scan00", "scan00.nii", None)]
         result = FindingsResult("session", rows, {0: HeatMap("mass effect", path, read_header(path))}, [], 12.0, 0.5)
@@ -1005,13 +1205,15 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         self.assertEqual(table.GetCellText(1, 4), "")
         node = logic.showHeatmap(0, opacity=0.4, threshold=0.3)
         self.assertIsNotNone(node)
-        self._assertSameGrid(read_header(path), node)
-        self._assertSameGrid(read_header(path), volume)  # the heat map lies on the scan's voxel grid
+        self._assertSameGrid(node, volume)  # the heat map lies on the scan's voxel grid
         composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
         self.assertEqual(composite.GetForegroundVolumeID(), node.GetID())
         self.assertEqual(composite.GetBackgroundVolumeID(), volume.GetID())
         self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
         self.assertTrue(node.GetDisplayNode().GetApplyThreshold())
+        self.assertAlmostEqual(node.GetDisplayNode().GetLowerThreshold(), 0.3)
+        self.assertEqual(logic.parameter("SelectedFinding"), "mass effect")
+        self.assertAlmostEqual(logic.parameter("HeatmapOpacity"), 0.4)
         self.assertIsNone(logic.showHeatmap(1))  # asked without a heat map
         logic.updateFlags(0.9)
         self.assertEqual(logic.findingsTableNode().GetCellText(0, 4), "")
@@ -1028,7 +1230,7 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
         info = self._wait(logic.connectTask(url))
         self.assertTrue(info.model)
         volume = self._sampleVolume()
-        second = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "MRHead copy")
+        second = self._sampleVolume("HLIPTest second scan", shift=(4.0, -3.0, 7.5))
         findings = ["mass effect", "midline shift"]
         answer = self._wait(logic.startQuestion([volume.GetID(), second.GetID()], findings, heatmaps=True, regionName="Brain MRI"))
         self.assertEqual([r.finding for r in answer.result.rows], findings)
@@ -1038,8 +1240,7 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             scan = logic.scanNodeOf(row)
             self.assertIn(scan.GetID(), (volume.GetID(), second.GetID()))
             heat = logic.showHeatmap(row)
-            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), scan)  # the file is in the scan's grid
-            self._assertSameGrid(read_header(answer.result.heatmaps[row].path), heat)  # and so is the loaded node
+            self._assertSameGrid(heat, scan)  # the map Slicer read lies on its scan's grid
         found = self._wait(logic.searchTask("mass effect", 5))
         self.assertLessEqual(len(found.hits), 5)
         studies = self._wait(logic.studiesTask())
@@ -1050,5 +1251,5 @@ class SlicerHLIPTest(ScriptedLoadableModuleTest):
             self.assertIsNone(answer.uploaded)  # asked by id: nothing uploaded
             self.assertEqual(answer.result.study_id, studies[0].study_id)
             logic.showAnswer(answer)
-            self._assertSameGrid(read_header(answer.result.heatmaps[0].path), logic.scanNodeOf(0))
+            self._assertSameGrid(logic.showHeatmap(0), logic.scanNodeOf(0))
         self.delayDisplay("Test passed")

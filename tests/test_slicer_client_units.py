@@ -1,5 +1,5 @@
-"""SlicerHLIP's plain-Python layer on its own: multipart in both directions, NIfTI geometry read
-with the standard library (checked against SimpleITK and nibabel), remembered settings, findings
+"""SlicerHLIP's plain-Python layer on its own: multipart in both directions, a volume file's grid
+(read with SimpleITK, checked against nibabel), remembered settings, findings
 text, which volumes are checked and how a study is asked, background tasks, and the errors a
 user sees when the address is wrong (answers a real HLIP server never gives: those come from
 loopback stand-ins here; the real server's errors are in test_slicer_server.py)."""
@@ -17,11 +17,13 @@ from slicer_helpers import silent_server, static_server, unused_port_url, write_
 from SlicerHLIPLib import (TABLE_COLUMNS, BackgroundTask, Cancelled, HLIPClient, JsonFileSettings, LocalVolume, MemorySettings,
                            NotHLIPServer, RememberedSettings, RequestTimeout, ServerUnreachable, default_selection, findings_preview,
                            is_flagged, load_regions, model_row_of_table_row, normalize_url, parse_findings_text, plan_question,
-                           read_header, read_voxels, region_named, same_geometry, table_row_of_model_row, table_rows, table_sort_keys,
+                           read_header, region_named, same_geometry, table_row_of_model_row, table_rows, table_sort_keys,
                            with_server_defaults)
 from SlicerHLIPLib.client import FindingRow, FindingsResult
 from SlicerHLIPLib.multipart import FieldPart, FilePart, MultipartBody, MultipartError, boundary_of, read_multipart
-from SlicerHLIPLib.nifti import NiftiError, parse_header, write_nifti
+from SlicerHLIPLib.errors import BadAnswer
+from SlicerHLIPLib.tasks import CancelToken
+from SlicerHLIPLib.volumefile import VolumeFileError
 
 # -- multipart ---------------------------------------------------------------------------------------
 
@@ -92,83 +94,56 @@ def test_a_truncated_or_foreign_answer_is_refused():
 # -- NIfTI ---------------------------------------------------------------------------------------------
 
 
-def test_nifti_geometry_and_voxels_agree_with_simpleitk(tmp_path):
-    import SimpleITK as sitk
+def test_a_volume_files_grid_is_read_as_nibabel_reads_it(tmp_path):
+    import nibabel as nib
 
     paths = write_study(tmp_path / "study", n_scans=4)
-    plain = tmp_path / "plain.nii"
-    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(paths[1])), sitk.sitkFloat32), str(plain))
-    for path in paths + [plain]:
-        image = sitk.ReadImage(str(path))
-        header, voxels = read_voxels(path)
-        assert header.size == image.GetSize()
-        assert np.allclose(header.spacing, image.GetSpacing(), atol=1e-5)
-        assert np.allclose(header.origin_lps, image.GetOrigin(), atol=1e-4)
-        assert np.allclose(header.direction_lps, image.GetDirection(), atol=1e-5)
-        assert np.array_equal(voxels, sitk.GetArrayFromImage(image))
-    headers = [read_header(p) for p in paths]
-    assert same_geometry(headers[0], read_header(paths[0])) and not same_geometry(headers[0], headers[2])
-
-
-def test_nifti2_and_qform_only_files_are_read_as_nibabel_reads_them(tmp_path):
-    import nibabel as nib
-
     rng = np.random.default_rng(0)
     affine = np.array([[0, -1.2, 0, 40.0], [0.9, 0, 0, -20.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]])
-    data = (rng.random((6, 7, 5)) * 100).astype(np.float32)
-    two = tmp_path / "two.nii.gz"
-    nib.save(nib.Nifti2Image(data, affine), two)
-    qonly = nib.Nifti1Image(data, affine)
-    qonly.set_sform(None, code=0)
-    qonly.set_qform(affine, code=1)
-    q = tmp_path / "q.nii"
-    nib.save(qonly, q)
-    scaled = nib.Nifti1Image((data * 10).astype(np.int16), affine)
-    scaled.header.set_slope_inter(0.5, 3.0)
-    s = tmp_path / "s.nii"
-    nib.save(scaled, s)
-    for path, version, source in ((two, 2, "sform"), (q, 1, "qform"), (s, 1, "sform")):
-        header, voxels = read_voxels(path)
-        assert (header.version, header.transform_source) == (version, source)
-        assert np.allclose(header.affine_ras, nib.load(path).affine, atol=1e-5)
-        assert np.allclose(voxels, np.asarray(nib.load(path).dataobj).T, atol=1e-4)  # nibabel indexes [i, j, k]
-    with pytest.raises(NiftiError):
-        parse_header(b"\0" * 400)
+    two = tmp_path / "other.nii.gz"  # another writer than the study's, a non-diagonal affine
+    nib.save(nib.Nifti1Image(rng.random((6, 7, 5)).astype(np.float32), affine), two)
+    for path in paths + [two]:
+        header, loaded = read_header(path), nib.load(path)
+        assert header.size == loaded.shape
+        assert np.allclose(header.affine_ras, loaded.affine, atol=1e-4)
+        assert np.allclose(header.spacing, loaded.header.get_zooms(), atol=1e-5)
+    headers = [read_header(p) for p in paths]
+    assert same_geometry(headers[0], read_header(paths[0])) and not same_geometry(headers[0], headers[2])
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"\x1f\x8bnot gzip at all")
-    with pytest.raises(NiftiError):
+    with pytest.raises(VolumeFileError, match="not a volume file"):
         read_header(bad)
+    flat = tmp_path / "flat.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), flat)
+    with pytest.raises(VolumeFileError, match="2D image"):
+        read_header(flat)
 
 
-@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "float64", "uint16", "int32"])
-def test_a_volume_written_from_an_array_reads_back_the_same_in_itk_and_nibabel(tmp_path, dtype):
-    import nibabel as nib
+@pytest.mark.parametrize("part", ["params", "result"])
+def test_the_json_part_of_a_findings_answer_is_params_or_result(tmp_path, part):
+    from requests_toolbelt import MultipartEncoder
+
     import SimpleITK as sitk
 
-    rng = np.random.default_rng(len(dtype))
-    lps = np.diag([-1.0, -1.0, 1.0])
-    for trial in range(6):  # oblique directions, with and without a reflection, as Slicer's IJKToRAS can be
-        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-        if (np.linalg.det(rotation) > 0) == (trial % 2 == 0):
-            rotation[:, trial % 3] *= -1
-        affine = np.eye(4)
-        affine[:3, :3] = rotation * rng.uniform(0.4, 3.0, 3)
-        affine[:3, 3] = rng.uniform(-120, 120, 3)
-        voxels = (rng.random((5, 6, 7)) * 200).astype(dtype)
-        path = write_nifti(tmp_path / f"v{trial}.nii{'.gz' if trial % 3 == 0 else ''}", voxels, affine.tolist())
-        image = sitk.ReadImage(str(path))
-        assert image.GetSize() == (7, 6, 5) and np.array_equal(sitk.GetArrayFromImage(image), voxels)
-        itk_matrix = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-        assert np.allclose(itk_matrix, lps @ affine[:3, :3], atol=1e-4) and np.allclose(image.GetOrigin(), lps @ affine[:3, 3], atol=1e-3)
-        loaded = nib.load(path)
-        assert np.allclose(loaded.get_qform(), affine, atol=1e-4) and np.allclose(loaded.get_sform(), affine, atol=1e-4)
-        header, back = read_voxels(path)
-        assert np.allclose(header.affine_ras, affine, atol=1e-4) and np.array_equal(back, voxels)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"v{t}.nii{'.gz' if t % 3 == 0 else ''}" for t in range(6))
-    with pytest.raises(NiftiError, match="3D array"):
-        write_nifti(tmp_path / "flat.nii", np.zeros((4, 4)), np.eye(4).tolist())
-    with pytest.raises(NiftiError, match="no voxel size"):
-        write_nifti(tmp_path / "zero.nii", np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]).tolist())
+    map_file = tmp_path / "map.nii.gz"
+    sitk.WriteImage(sitk.Image(4, 5, 6, sitk.sitkFloat32), str(map_file))
+    answer = json.dumps({"study_id": "s", "findings": [{"finding": "mass effect", "probability": 0.7, "heatmap": "heatmap_0"}]})
+    encoder = MultipartEncoder(fields=[(part, (None, answer, "application/json")),
+                                       ("heatmap_0", ("heatmap_0.nii.gz", map_file.read_bytes(), "application/octet-stream"))])
+    body = encoder.to_string()
+
+    class Response:  # what http.client gives the client: headers and a read(n)
+        headers = {"Content-Type": encoder.content_type, "Content-Length": str(len(body))}
+        read = io.BytesIO(body).read
+
+    result = HLIPClient("http://127.0.0.1:1")._read_findings(Response(), tmp_path / "out", lambda f, m="": None, CancelToken())
+    assert [r.finding for r in result.rows] == ["mass effect"] and result.heatmaps[0].header.size == (4, 5, 6)
+    missing = MultipartEncoder(fields=[("answer", (None, answer, "application/json"))])
+    body = missing.to_string()
+    Response.headers = {"Content-Type": missing.content_type, "Content-Length": str(len(body))}
+    Response.read = io.BytesIO(body).read
+    with pytest.raises(BadAnswer, match="no 'params'"):
+        HLIPClient("http://127.0.0.1:1")._read_findings(Response(), tmp_path / "out2", lambda f, m="": None, CancelToken())
 
 
 # -- settings, findings, choices ------------------------------------------------------------------------

@@ -7,14 +7,16 @@ import threading
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from server_helpers import IdentityProvider, make_checkpoint, monailabel_server, require_ingestion, stop_process, write_nifti_study
 from slicer_helpers import write_study
 from SlicerHLIPLib import (AuthenticationFailed, AuthenticationRequired, BackgroundTask, Cancelled, HLIPClient, LocalVolume,
                            NotFound, NotHLIPServer, PermissionDenied, RequestRejected, RequestTimeout, ServerBusy,
-                           ServerUnreachable, ask, plan_question, read_header, read_voxels, same_geometry, table_rows, write_nifti)
+                           ServerUnreachable, ask, plan_question, read_header, same_geometry, table_rows)
 from SlicerHLIPLib.study import Question
 
 FINDINGS = ["mass effect", "midline shift", "hydrocephalus"]
@@ -31,9 +33,9 @@ def setup(tmp_path_factory):
     write_nifti_study(studies / "studyB", n_scans=3, seed=22)
     originals = write_study(tmp / "originals", n_scans=4, seed=5)
     upload = []
-    for i, path in enumerate(originals):  # as the Slicer module writes a node: its voxels and IJK->RAS, on a worker thread
-        header, voxels = read_voxels(path)
-        upload.append(Path(write_nifti(tmp / f"node{i}.nii", voxels, header.affine_ras)))
+    for i, path in enumerate(originals):  # uncompressed, as the Slicer module writes a node
+        upload.append(tmp / f"node{i}.nii")
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(upload[-1]))
     return {"tmp": tmp, "studies": studies, "checkpoint": make_checkpoint(tmp / "ckpt"), "originals": originals, "upload": upload}
 
 
@@ -84,8 +86,6 @@ def test_connect_shows_the_model_and_its_default_findings(server):
 
 
 def test_an_uploaded_four_volume_study_gets_findings_and_heat_maps_in_each_scans_geometry(client, setup, tmp_path):
-    import SimpleITK as sitk
-
     volumes, files = upload_volumes(setup)
     question = plan_question(volumes)
     assert question.study_id is None and len(question.uploads) == 4
@@ -106,11 +106,9 @@ def test_an_uploaded_four_volume_study_gets_findings_and_heat_maps_in_each_scans
         assert Path(heatmap.path).parent == tmp_path / "maps" and heatmap.finding == row.finding
         scan = read_header(files[key])
         assert same_geometry(heatmap.header, scan), (heatmap.header.affine_ras, scan.affine_ras)
-        image = sitk.ReadImage(str(setup["originals"][int(key[-1])]))  # and as ITK sees the scan the node came from
-        assert heatmap.header.size == image.GetSize()
-        assert np.allclose(heatmap.header.origin_lps, image.GetOrigin(), atol=1e-4)
-        assert np.allclose(heatmap.header.direction_lps, image.GetDirection(), atol=1e-5)
-        _, values = read_voxels(heatmap.path)
+        original = nib.load(setup["originals"][int(key[-1])])  # and as nibabel sees the scan the node came from
+        assert heatmap.header.size == original.shape and np.allclose(heatmap.header.affine_ras, original.affine, atol=1e-4)
+        values = sitk.GetArrayFromImage(sitk.ReadImage(heatmap.path))
         assert values.dtype == np.float32 and np.isfinite(values).all() and 0 <= values.min() and 0 < values.max() <= 1.0001
     # every finding's row names the user's own volume
     rows = table_rows(result, answer.scan_names, threshold=0.0)

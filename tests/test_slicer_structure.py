@@ -84,14 +84,19 @@ def test_the_extension_cmakelists_has_every_metadata_variable():
     assert calls[-2:] == [("include", "${Slicer_EXTENSION_GENERATE_CONFIG}"), ("include", "${Slicer_EXTENSION_CPACK}")]
     # the repository URL is defined once; homepage, icon and screenshots derive from it
     repository = values["SlicerHLIP_REPOSITORY_URL"]
-    raw = values["SlicerHLIP_RAW_URL"]
-    owner_repo = re.fullmatch(r"https://github\.com/([^/]+/[^/]+)", repository).group(1)
-    assert raw == f"https://raw.githubusercontent.com/{owner_repo}/main"
+    assert re.fullmatch(r"https://github\.com/[^/]+/[^/]+", repository), repository
+    assert "SlicerHLIP_RAW_URL" not in values  # derived from the repository's URL, not typed a second time
+    assert ("string", "REPLACE https://github.com/ https://raw.githubusercontent.com/ SlicerHLIP_RAW_URL ${SlicerHLIP_REPOSITORY_URL}") in calls
+    assert ("string", "APPEND SlicerHLIP_RAW_URL /main") in calls
     assert values["EXTENSION_HOMEPAGE"].startswith("${SlicerHLIP_REPOSITORY_URL}")
     icon = values["EXTENSION_ICONURL"]
     assert icon.startswith("${SlicerHLIP_RAW_URL}/") and (REPO / icon.split("}/", 1)[1]).is_file(), icon
-    for url in values["EXTENSION_SCREENSHOTURLS"].split():
-        assert url.startswith("${SlicerHLIP_RAW_URL}/") and url.endswith((".png", ".jpg")), url
+    screenshots = values["EXTENSION_SCREENSHOTURLS"].split()
+    assert screenshots
+    for url in screenshots:  # committed, small PNGs
+        assert url.startswith("${SlicerHLIP_RAW_URL}/") and url.endswith(".png"), url
+        data = (REPO / url.split("}/", 1)[1]).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 600_000, (url, len(data))
     assert len(values["EXTENSION_DESCRIPTION"].split(".")[0]) > 40  # a sentence a non-expert can read
     assert (REPO / "LICENSE.txt").is_file()
 
@@ -183,6 +188,7 @@ def test_the_module_file_defines_the_four_slicer_classes():
 
 
 def test_the_client_layer_imports_without_slicer_qt_vtk_or_numpy():
+    # SimpleITK is imported only when a heat map's grid is read
     code = (
         "import sys\n"
         "class Block:\n"
@@ -192,7 +198,7 @@ def test_the_client_layer_imports_without_slicer_qt_vtk_or_numpy():
         "sys.meta_path.insert(0, Block())\n"
         f"sys.path.insert(0, {str(SLICER_MODULE)!r})\n"
         "import SlicerHLIPLib\n"
-        "from SlicerHLIPLib import client, errors, findings, multipart, nifti, settings, study, tasks\n"
+        "from SlicerHLIPLib import client, errors, findings, multipart, settings, study, tasks, volumefile\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('slicer', 'qt', 'vtk', 'numpy')))\n"
         "print(len(SlicerHLIPLib.load_regions()))\n"
     )
@@ -226,3 +232,18 @@ def test_the_default_findings_cover_three_regions_within_the_servers_limits():
 def test_no_machine_specific_paths(path):
     text = (REPO / path).read_text()
     assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
+
+
+def test_every_public_method_of_the_widget_and_the_logic_has_a_docstring():
+    tree = ast.parse((SLICER_MODULE / "SlicerHLIP.py").read_text())
+    missing = [f"{c.name}.{f.name}" for c in tree.body if isinstance(c, ast.ClassDef) and c.name in ("SlicerHLIPWidget", "SlicerHLIPLogic")
+               for f in c.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("_") and not ast.get_docstring(f)]
+    assert not missing, missing
+
+
+def test_the_module_reads_and_writes_volumes_only_with_slicers_own_readers_and_writers():
+    text = (SLICER_MODULE / "SlicerHLIP.py").read_text()
+    assert not (SLICER_MODULE / "SlicerHLIPLib" / "nifti.py").exists()
+    for hand_written in ("nifti", "write_nifti", "read_voxels", "slicer.util.loadVolume", "slicer.util.saveNode"):
+        assert hand_written not in text, hand_written
+    assert "vtkMRMLVolumeArchetypeStorageNode" in text and "AddArchetypeVolume" in text

@@ -1,5 +1,6 @@
 """HTTP client of the HLIP MONAI Label server, with the standard library only (it runs inside
-3D Slicer's Python, where nothing else may be installed, and in plain Python for tests).
+3D Slicer's Python, where nothing else may be installed, and in plain Python for tests); a heat
+map's grid is read with SimpleITK, which Slicer's Python has.
 
     client = HLIPClient("http://127.0.0.1:8000")
     info = client.connect()                         # ServerInfo, or an HLIPError in words
@@ -36,7 +37,7 @@ from urllib.parse import urlencode, urlsplit
 
 from . import errors
 from .multipart import FieldPart, FilePart, MultipartBody, MultipartError, boundary_of, read_multipart
-from .nifti import NiftiError, NiftiHeader, read_header
+from .volumefile import VolumeFileError, VolumeHeader, read_header
 from .tasks import CancelToken
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ MODEL_TYPE = "hlip_findings"
 CHUNK = 1 << 20
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_ERROR_BODY = 64 * 1024
+# The JSON part of a multipart findings answer: 'params', as MONAI Label's own infer answers name
+# it; 'result', as HLIP servers before it did.
+ANSWER_PARTS = ("params", "result")
 
 
 def _quiet(fraction: Optional[float], message: str = "") -> None:
@@ -161,7 +165,7 @@ class FindingRow:
 class HeatMap:
     finding: str
     path: str
-    header: NiftiHeader
+    header: VolumeHeader
 
 
 @dataclass
@@ -625,7 +629,7 @@ class HLIPClient:
 
         def open_part(headers):
             cancel.check()
-            if headers.name == "result":
+            if headers.name in ANSWER_PARTS:
                 return result_json
             name = safe_file_name(headers.name or "", f"part{len(written)}")
             suffix = volume_suffix(headers.filename or "") or ".nii.gz"
@@ -657,7 +661,7 @@ class HLIPClient:
         try:
             read_multipart(response.read, boundary_of(ctype), tracked_open, close_part, CHUNK, on_bytes)
             if not result_json.getvalue():
-                raise errors.BadAnswer("The server's multipart answer has no 'result' part.")
+                raise errors.BadAnswer("The server's multipart answer has no 'params' (or 'result') part.")
             answer = json.loads(result_json.getvalue().decode("utf-8"))
             return self._findings_result(answer, written)
         except BaseException:
@@ -684,8 +688,8 @@ class HLIPClient:
                     path = written[row.heatmap]
                     try:
                         header = read_header(path)
-                    except NiftiError as e:
-                        raise errors.BadAnswer(f"The heat map of {row.finding!r} is not a NIfTI volume.", str(e)) from None
+                    except VolumeFileError as e:
+                        raise errors.BadAnswer(f"The heat map of {row.finding!r} is not a volume file.", str(e)) from None
                     heatmaps[i] = HeatMap(row.finding, str(path), header)
             return FindingsResult(str(answer.get("study_id", "")), rows, heatmaps, [str(s) for s in answer.get("skipped", [])],
                                   answer.get("elapsed_ms"))
