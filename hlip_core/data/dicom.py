@@ -119,9 +119,14 @@ def _floats(value, n: int):
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
+NOT_DICOM = ("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM element (group 0002 or 0008) "
+             "at its start")
+
+
 def _dicom_head(head: bytes) -> bool:
     """A Part 10 file (DICM at byte 128) or a bare little-endian dataset starting with a group
-    0x0002/0x0008 element (old exports without preamble)."""
+    0x0002/0x0008 element (old exports without preamble, which pydicom reads only with
+    ``force=True``)."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     if len(head) >= 8:
@@ -131,13 +136,23 @@ def _dicom_head(head: bytes) -> bool:
     return False
 
 
-def looks_like_dicom(path: str) -> bool:
-    """True when the first 132 bytes of ``path`` look like DICOM (see _dicom_head)."""
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file, from its first 132 bytes: the one recognition used by
+    ingestion (prepare, load_study), the server's uploads and its DICOMweb downloads. True for a
+    Part 10 file ('DICM' at byte 128) and for a dataset without preamble whose first element is
+    in group 0002 or 0008 (what pydicom reads with ``force=True``); False for anything else and
+    for files that cannot be opened."""
     try:
         with open(path, "rb", buffering=0) as fh:
             return _dicom_head(fh.read(132))
     except OSError:
         return False
+
+
+def require_dicom(path: str | os.PathLike) -> None:
+    """Raise HeaderError("not_dicom", NOT_DICOM) unless looks_like_dicom(path)."""
+    if not looks_like_dicom(path):
+        raise HeaderError("not_dicom", NOT_DICOM)
 
 
 _WANTED = set(_TAGS) | {0x00080005, 0x00189087, 0x00189089, 0x00041220}
@@ -150,7 +165,7 @@ def read_header(path: str, fast: bool = True) -> Instance:
         with open(path, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
             if not _dicom_head(fh.read(132)):
-                raise HeaderError("not_dicom")
+                raise HeaderError("not_dicom", NOT_DICOM)
             fh.seek(0)
             try:
                 if not fast:
