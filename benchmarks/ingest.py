@@ -79,6 +79,7 @@ def assembly_vs_dcm2niix(folder: Path, work: Path, repeats: int) -> dict:
 
 
 def synthetic_ct(folder: Path, slices: int = 200) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)  # a reused --work folder must not hold an older series
     write_series(folder, n=slices, rows=512, cols=512, pixel_spacing=(0.7, 0.7), step=1.25, axes=rotation(0, 0, 0),
                  modality="CT", description="synthetic CT", shuffle=1)
     return folder
@@ -127,11 +128,135 @@ def whole_command(src: Path, work: Path, workers: int) -> dict:
             "CPU s per study": summary["cpu_seconds_per_study"], "peak memory of a worker MB": summary["peak_worker_memory_mb"]}
 
 
+def issue22_tree(root: Path, t1: Path) -> tuple[Path, dict]:
+    """The tree of issue 22: the real T1 series, a synthetic 4D fMRI series of 5,460 files (42
+    slices x 130 time points, 64x64) in the same study, and junk: a truncated copy of one T1 slice
+    read before the intact file, a non-DICOM file named .dcm, a DICOMDIR and an empty file."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    tree = root / "tree22"
+    counts = {"valid": 384 + 5460, "junk": 4}
+    if (root / "tree22.done").exists():  # made by an earlier run with the same --work
+        return tree, counts
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.copytree(t1, tree / "t1")
+    study_uid = str(pydicom.dcmread(next((tree / "t1").iterdir()), stop_before_pixels=True).StudyInstanceUID)
+    write_series(tree / "fmri", n=42, rows=64, cols=64, pixel_spacing=(3.0, 3.0), step=3.0, modality="MR", intercept=0.0,
+                 description="synthetic BOLD", study_uid=study_uid, series_number=9, repeats=130, shuffle=5)
+    victim = sorted((tree / "t1").iterdir())[99]
+    (tree / "a_interrupted_export").mkdir()
+    cut = tree / "a_interrupted_export" / victim.name
+    cut.write_bytes(victim.read_bytes()[: int(victim.stat().st_size * 0.6)])
+    (tree / "junk").mkdir()
+    (tree / "junk" / "export_log.dcm").write_text("exported 5845 files\n")
+    (tree / "junk" / "empty.dcm").write_bytes(b"")
+    media = root / "media_tmp"
+    shutil.rmtree(media, ignore_errors=True)
+    fs = FileSet()
+    for f in sorted((tree / "t1").iterdir())[:3]:
+        fs.add(str(f))
+    fs.write(media)
+    shutil.copyfile(media / "DICOMDIR", tree / "DICOMDIR")  # an index of files lying elsewhere
+    shutil.rmtree(media)
+    (root / "tree22.done").write_text("")
+    return tree, counts
+
+
+def stage_profile(tree: Path, work: Path, max_volumes: int = 16) -> dict:
+    """The stages of prepare run one after the other in this process (1 worker), seconds each."""
+    import numpy as np
+
+    from hlip_core.data import IngestOptions, PreprocessSettings, to_model_space
+    from hlip_core.data.archive import _atomic_npy
+    from hlip_core.data.dicom import HeaderError, assemble, read_header
+    from hlip_core.data.preprocess import to_storage
+    from hlip_core.data.study import list_files, plan_study
+
+    t = {}
+    t0 = time.perf_counter()
+    files = list_files(tree)
+    t["walk"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    instances, bad = [], 0
+    for f in files:
+        try:
+            instances.append(read_header(f))
+        except HeaderError:
+            bad += 1
+    t["headers"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    opts = IngestOptions(max_volumes=max_volumes)
+    by_study: dict = {}
+    for inst in instances:
+        by_study.setdefault(inst.study_uid, []).append(inst)
+    plans = [plan_study([i.path for i in insts], opts, instances=insts) for insts in by_study.values()]
+    t["grouping (incl. copy resolution)"] = time.perf_counter() - t0
+    settings = PreprocessSettings()
+    t.update({"pixels": 0.0, "resampling": 0.0, "writing": 0.0})
+    out = work / "profile_out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    n = 0
+    for plan in plans:
+        for vp in plan.dicom:
+            t0 = time.perf_counter()
+            image = assemble(vp)
+            t1 = time.perf_counter()
+            array, _ = to_model_space(image, vp.modality, settings)
+            t2 = time.perf_counter()
+            _atomic_npy(out / f"{n}.npy", to_storage(array, settings.storage))
+            t3 = time.perf_counter()
+            t["pixels"] += t1 - t0
+            t["resampling"] += t2 - t1
+            t["writing"] += t3 - t2
+            n += 1
+    t = {k: round(v, 3) for k, v in t.items()}
+    return {"files": len(files), "not DICOM": bad, "volumes": n, **t, "total": round(sum(t.values()), 3)}
+
+
+def tree_vs_dcm2niix(tree: Path, work: Path, counts: dict, repeats: int, workers: int) -> dict:
+    """The whole train/prepare.py command and dcm2niix on the same tree, in turns (median)."""
+    out = work / "tree_dcm2niix"
+
+    def dcm2niix():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        run = subprocess.run(["dcm2niix", "-z", "n", "-o", str(out), str(tree)], capture_output=True, text=True)
+        if not list(out.glob("*.nii")):
+            raise RuntimeError(f"dcm2niix failed: {run.stdout[-500:]} {run.stderr[-500:]}")
+
+    ours, theirs, last = [], [], None
+    for k in range(repeats + 1):  # the first turn warms the file cache and is not counted
+        r = whole_command(tree, work, workers)
+        t = time_once(dcm2niix)
+        if k:
+            ours.append(r["wall s (with interpreter start)"])
+            theirs.append(t)
+        last = r
+    prepared = work / f"prepared_w{workers}"
+    lines = [json.loads(x) for x in (prepared / "skipped.jsonl").read_text().splitlines()]
+    entries = [json.loads(x) for x in (prepared / "manifest.jsonl").read_text().splitlines()]
+    sidecars = sum(json.loads((prepared / sc["sidecar"]).read_text())["files"] for e in entries for sc in e["scans"])
+    not_selected = sum(len(x["files"]) for x in lines if x["reason"] == "volume_not_selected")
+    junk = sorted((x["reason"], x["files"][0]) for x in lines if x["kind"] == "file")
+    interpolated = sum("interpolated_slices" in json.dumps(e) for e in entries)
+    med_o, med_t = statistics.median(ours), statistics.median(theirs)
+    return {"workers": workers, "prepare wall s": round(med_o, 3), "prepare command s": last["command s"],
+            "dcm2niix s": round(med_t, 3), "prepare / dcm2niix": round(med_o / med_t, 2),
+            "files in kept volumes": sidecars, "files of volumes not selected (--max-volumes)": not_selected,
+            "valid files": counts["valid"], "valid files lost": counts["valid"] - sidecars - not_selected,
+            "files reported": junk, "scans with interpolated slices": interpolated, "scans": last["scans"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, default=24, help="studies in the synthetic archive (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions of each conversion (default: %(default)s)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary folder, removed at the end)")
+    parser.add_argument("--tree-workers", type=int, nargs="+", default=[1, 2],
+                        help="--workers of the prepare runs on issue 22's tree (default: %(default)s)")
+    parser.add_argument("--tree-only", action="store_true", help="only section 0 (issue 22's tree)")
     args = parser.parse_args()
     if not shutil.which("dcm2niix"):
         sys.exit("dcm2niix is not installed (Debian package dcm2niix; .ci/run installs it)")
@@ -146,6 +271,13 @@ def main() -> None:
         print("  real MRI (384x274 slices):", json.dumps(real))
         ct = assembly_vs_dcm2niix(synthetic_ct(work / "ct200"), work, args.repeats)
         print("  synthetic CT 200 x 512x512:", json.dumps(ct))
+        print("\n0. issue 22's tree (real T1 384 files + synthetic 4D fMRI 5,460 files + 4 junk files)")
+        tree, counts = issue22_tree(work, benchmark_mri_dicom_dir())
+        print("  stage profile, 1 process:", json.dumps(stage_profile(tree, work)))
+        for w in args.tree_workers:
+            print("  whole prepare vs dcm2niix:", json.dumps(tree_vs_dcm2niix(tree, work, counts, args.repeats, w)))
+        if args.tree_only:
+            return
         src, largest = synthetic_archive(work, args.studies)
         print("\n2. header-only discovery:", json.dumps(discovery_rate(src)))
         print(f"\n3. train/prepare.py on {args.studies} synthetic studies (largest series {largest / 2**20:.1f} MB as int16):")

@@ -8,6 +8,7 @@
                               reports="reports.csv", report_key="AccessionNumber", workers=8)
 """
 from .archive import merge_shards, prepare_archive
+from .dicom import NOT_DICOM, looks_like_dicom, require_dicom
 from .preprocess import PreprocessSettings, model_image, to_model_space, to_scan_space
 from .reports import read_reports, split_sentences
 from .study import Discovery, StudySource, discover_studies, load_study
@@ -15,4 +16,4 @@ from .types import REASONS, IngestOptions, Scan, Skipped, Study
 
 __all__ = ["Scan", "Study", "Skipped", "IngestOptions", "REASONS", "load_study", "discover_studies", "Discovery",
            "StudySource", "PreprocessSettings", "to_model_space", "to_scan_space", "model_image", "prepare_archive",
-           "merge_shards", "read_reports", "split_sentences"]
+           "merge_shards", "read_reports", "split_sentences", "looks_like_dicom", "require_dicom", "NOT_DICOM"]

@@ -119,9 +119,14 @@ def _floats(value, n: int):
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
+NOT_DICOM = ("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM element (group 0002 or 0008) "
+             "at its start")
+
+
 def _dicom_head(head: bytes) -> bool:
     """A Part 10 file (DICM at byte 128) or a bare little-endian dataset starting with a group
-    0x0002/0x0008 element (old exports without preamble)."""
+    0x0002/0x0008 element (old exports without preamble, which pydicom reads only with
+    ``force=True``)."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     if len(head) >= 8:
@@ -131,13 +136,23 @@ def _dicom_head(head: bytes) -> bool:
     return False
 
 
-def looks_like_dicom(path: str) -> bool:
-    """True when the first 132 bytes of ``path`` look like DICOM (see _dicom_head)."""
+def looks_like_dicom(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file, from its first 132 bytes: the one recognition used by
+    ingestion (prepare, load_study), the server's uploads and its DICOMweb downloads. True for a
+    Part 10 file ('DICM' at byte 128) and for a dataset without preamble whose first element is
+    in group 0002 or 0008 (what pydicom reads with ``force=True``); False for anything else and
+    for files that cannot be opened."""
     try:
         with open(path, "rb", buffering=0) as fh:
             return _dicom_head(fh.read(132))
     except OSError:
         return False
+
+
+def require_dicom(path: str | os.PathLike) -> None:
+    """Raise HeaderError("not_dicom", NOT_DICOM) unless looks_like_dicom(path)."""
+    if not looks_like_dicom(path):
+        raise HeaderError("not_dicom", NOT_DICOM)
 
 
 _WANTED = set(_TAGS) | {0x00080005, 0x00189087, 0x00189089, 0x00041220}
@@ -150,7 +165,7 @@ def read_header(path: str, fast: bool = True) -> Instance:
         with open(path, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
             if not _dicom_head(fh.read(132)):
-                raise HeaderError("not_dicom")
+                raise HeaderError("not_dicom", NOT_DICOM)
             fh.seek(0)
             try:
                 if not fast:
@@ -406,6 +421,113 @@ def _non_image(inst: Instance) -> str | None:
     return None
 
 
+def _copy_damage(inst: Instance) -> tuple[str, str] | None:
+    """(reason, detail) when a file's pixels are incomplete or do not decode, else None."""
+    if inst.pixel_state == "none" or not inst.rows or not inst.cols:
+        return "truncated", "no pixel data"
+    if inst.pixel_state == "short":
+        return "truncated", f"file ends at byte {inst.file_size} inside its pixel data"
+    try:
+        read_frames(inst)
+    except AssemblyError as exc:
+        return exc.reason, exc.detail
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means this copy is damaged
+        return "undecodable", type(exc).__name__
+    return None
+
+
+def _copy_geometry(inst: Instance) -> tuple:
+    """What places a file in its series: orientation, size, spacing, and position with volume key."""
+    ori = tuple(round(v, 3) for v in inst.orientations[0]) if inst.orientations and inst.orientations[0] else None
+    pos = tuple(round(v, 2) for v in inst.positions[0]) if inst.positions and inst.positions[0] else None
+    spacing = tuple(round(v, 4) for v in inst.pixel_spacing) if inst.pixel_spacing else None
+    key = inst.volume_keys[0] if inst.volume_keys else ()
+    return (ori, inst.rows, inst.cols, spacing), (pos, key)
+
+
+def resolve_copies(instances: list[Instance]) -> tuple[list[Instance], list[Skipped], Skipped | None]:
+    """One file per SOPInstanceUID, chosen by content, never by reading order.
+
+    instances: the files of one series (any order). Among files sharing a SOPInstanceUID, copies
+    whose pixel data is incomplete or does not decode lose to an intact copy; identical intact
+    copies keep the first path in sorted order; intact copies with different pixels keep the one
+    copy whose geometry fits the rest of the series (its orientation, size and spacing, and a
+    position no other instance holds), if exactly one does.
+    Returns (instances to use, in the input's order; Skipped for each copy not used, naming the
+    kept copy in ``kept``; a series-level Skipped "conflict" when the choice is ambiguous, else None).
+    Only instances with copies have their pixels read here.
+    """
+    by_uid: dict[str, list[Instance]] = {}
+    for inst in instances:
+        by_uid.setdefault(inst.sop_uid or inst.path, []).append(inst)
+    if all(len(c) == 1 for c in by_uid.values()):
+        return instances, [], None
+    singles = [c[0] for c in by_uid.values() if len(c) == 1]
+    frame_of = {}  # the series without duplicated instances: what a conflicting copy must fit
+    taken = set()
+    for inst in singles:
+        frame, place = _copy_geometry(inst)
+        frame_of[frame] = frame_of.get(frame, 0) + 1
+        taken.add(place)
+    usual = max(frame_of, key=frame_of.get) if frame_of else None
+    skipped: list[Skipped] = []
+    drop: set[int] = set()
+
+    def skip(inst: Instance, reason: str, detail: str, kept: Instance | None) -> None:
+        drop.add(id(inst))
+        skipped.append(Skipped("file", reason, detail, inst.series_number, inst.description, inst.series_uid,
+                               [inst.path], kept.path if kept is not None else ""))
+
+    for copies in by_uid.values():
+        if len(copies) == 1:
+            continue
+        copies = sorted(copies, key=lambda i: i.path)
+        intact, pixels = [], []
+        damaged = []
+        for inst in copies:
+            why = _copy_damage(inst)
+            if why is None:
+                values = read_frames(inst)
+                for k, seen in enumerate(pixels):  # identical copies count once
+                    if seen.shape == values.shape and np.array_equal(seen, values):
+                        intact[k].append(inst)
+                        break
+                else:
+                    intact.append([inst])
+                    pixels.append(values)
+            else:
+                damaged.append((inst, why))
+        del pixels
+        if not intact:  # no intact copy anywhere: keep the first, assembly reports it as damaged
+            keep = copies[0]
+            for inst, why in damaged[1:]:
+                skip(inst, why[0], f"{why[1]}; another copy is damaged too", keep)
+            drop.discard(id(keep))
+            continue
+        if len(intact) > 1:
+            fits = [g for g in intact if (lambda f, p: f == usual and p not in taken)(*_copy_geometry(g[0]))]
+            if len(fits) != 1:
+                files = sorted(i.path for g in intact for i in g)
+                first = copies[0]
+                return [], skipped, Skipped(
+                    "series", "conflict", f"{len(intact)} intact copies of one instance differ in their pixels "
+                    "and none alone fits the series' geometry", first.series_number, first.description,
+                    first.series_uid, files)
+            chosen = fits[0]
+            for g in intact:
+                if g is not chosen:
+                    for inst in g:
+                        skip(inst, "conflict", "intact copy with other pixels, not fitting the series' geometry", chosen[0])
+        else:
+            chosen = intact[0]
+        keep = chosen[0]
+        for inst in chosen[1:]:
+            skip(inst, "duplicate", "identical copy of the instance", keep)
+        for inst, why in damaged:
+            skip(inst, why[0], why[1], keep)
+    return [i for i in instances if id(i) not in drop], skipped, None
+
+
 def plan_series(instances: list[Instance], options: IngestOptions) -> tuple[list[VolumePlan], list[Skipped]]:
     """Decide what one series (instances sharing a SeriesInstanceUID) becomes: volumes to assemble,
     and skipped parts with reasons."""
@@ -415,16 +537,12 @@ def plan_series(instances: list[Instance], options: IngestOptions) -> tuple[list
     why = _non_image(first)
     if why:
         return [], [_series_skip(first, "not_image", why, sorted(files))]
-    skipped: list[Skipped] = []
-    # files that cannot contribute pixels: duplicates of an instance, files cut inside the pixel data
-    seen: set[str] = set()
+    # several files of one SOP instance: the intact copy wins, whatever the reading order
+    instances, skipped, conflict = resolve_copies(instances)
+    if conflict is not None:
+        return [], skipped + [conflict]
     kept = []
     for inst in instances:
-        if inst.sop_uid and inst.sop_uid in seen:
-            skipped.append(Skipped("file", "duplicate", f"SOP instance already read from another file", inst.series_number,
-                                   inst.description, inst.series_uid, [inst.path]))
-            continue
-        seen.add(inst.sop_uid)
         if inst.pixel_state in ("none", "short") or not inst.rows or not inst.cols:
             detail = "no pixel data" if inst.pixel_state == "none" else f"file ends at byte {inst.file_size} inside its pixel data"
             skipped.append(Skipped("file", "truncated", detail, inst.series_number, inst.description, inst.series_uid, [inst.path]))

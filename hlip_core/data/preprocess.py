@@ -157,7 +157,11 @@ def _normalise(arr: np.ndarray, modality: str, settings: PreprocessSettings) -> 
         lo, hi = (float(v) for v in np.percentile(flat[::step], settings.percentiles))
     if not hi > lo:
         return np.zeros(a.shape, np.float32), [lo, hi]
-    out = (a - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    # in place on one float32 copy: every new volume-sized array costs its page faults (measured
+    # 0.3 s of 0.44 s for the real 384x384x274 MRI in a fresh process with three of them)
+    out = a if a is not arr else a.copy()
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
     np.clip(out, 0.0, 1.0, out=out)
     return out, [lo, hi]
 

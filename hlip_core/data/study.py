@@ -140,6 +140,8 @@ def plan_study(files: Sequence[str], options: IngestOptions, study_id: str | Non
         plan.dicom.extend(plans)
         for s in skipped_here:
             s.files = [_rel(f, root) for f in s.files]
+            if s.kept:
+                s.kept = _rel(s.kept, root)
         plan.skipped.extend(skipped_here)
     return plan
 

@@ -12,6 +12,7 @@ REASONS = {
     "dicomdir": "DICOMDIR index (its images are read from the tree itself)",
     "unreadable": "unreadable header",
     "duplicate": "duplicate instance",
+    "conflict": "copies of one instance with different pixels",
     "not_image": "not an image",
     "secondary_capture": "secondary capture",
     "localizer": "localizer",
@@ -45,11 +46,14 @@ class Skipped:
     description: str = ""
     uid: str = ""
     files: list[str] = field(default_factory=list)
+    kept: str = ""  # for a copy of an instance that was not used: the file that was used instead
 
     def __str__(self) -> str:
         words = REASONS.get(self.reason, self.reason)
         if self.detail:
             words = f"{words} ({self.detail})"
+        if self.kept:
+            words = f"{words}; the copy in {self.kept} was used"
         if self.kind == "file":
             name = Path(self.files[0]).name if self.files else "?"
             return f"file {name}: {words}"

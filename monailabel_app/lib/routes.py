@@ -171,7 +171,8 @@ def api_download_image(image: str, user: User = USER):
 
 def _unusable_reason(path: str) -> str | None:
     """Why an uploaded file is not a volume the ingestion can read (None when it looks fine): volume
-    files must have a readable header, anything else must be DICOM (the 'DICM' preamble)."""
+    files must have a readable header, anything else must be DICOM as
+    the ingestion recognises it (hlip_core.data.looks_like_dicom: with or without preamble)."""
     if path.lower().endswith(VOLUME_EXTENSIONS):
         import SimpleITK as sitk
 
@@ -182,9 +183,9 @@ def _unusable_reason(path: str) -> str | None:
         except RuntimeError:
             return "is not a readable NIfTI/NRRD/MHA volume"
         return None
-    with open(path, "rb") as f:
-        head = f.read(132)
-    return None if head[128:132] == b"DICM" else "is neither DICOM nor a NIfTI/NRRD/MHA volume"
+    from hlip_core.data import NOT_DICOM, looks_like_dicom  # the ingestion's own recognition
+
+    return None if looks_like_dicom(path) else f"is neither DICOM nor a NIfTI/NRRD/MHA volume ({NOT_DICOM})"
 
 
 def _modalities(scans: str | None, sent: dict[str, str]) -> dict[str, str]:

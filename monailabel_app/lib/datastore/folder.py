@@ -177,7 +177,10 @@ class StudyFolderDatastore(Datastore):
         import pydicom
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            from hlip_core.data import require_dicom  # the ingestion's recognition, preamble or not
+
+            require_dicom(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS, force=True)
             uid = str(ds.SeriesInstanceUID)
             value = [uid, str(ds.get("SeriesDescription", "") or ""), str(ds.get("Modality", "") or "")]
             if unsafe_id_reason(uid):
