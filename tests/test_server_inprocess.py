@@ -281,7 +281,7 @@ def test_status_reports_the_queue_the_cache_and_the_datastore(server):
     assert status["worker"]["max_queue"] == MAX_QUEUE and status["worker"]["done"] > 0
     assert status["index"]["indexed"] >= 3 and status["index"]["failed"] >= 1  # reportonly cannot be embedded
     assert status["datastore"]["scanned"] is True and status["datastore"]["studies"] >= 4
-    assert status["cache_dir"] == str(server["cache"])
+    assert "cache_dir" not in status and str(server["cache"]) not in json.dumps(status)  # no absolute path in an answer
 
 
 def test_search_similar_and_the_list_of_studies(server):
@@ -358,13 +358,13 @@ def _form(params: str) -> dict:
 
 
 ERRORS = [
-    ("post", "/infer/nope?image=nifti1", {}, 404, "unknown model 'nope'"),
-    ("post", "/infer/hlip_findings?image=missing", {}, 404, "no study or image with id 'missing'"),
+    ("post", "/infer/nope?image=nifti1", {}, 404, "no such model"),
+    ("post", "/infer/hlip_findings?image=missing", {}, 404, "no study or image with this id"),
     ("post", "/infer/hlip_findings?image=../secret", {}, 400, "ids are plain names"),
     ("post", "/infer/hlip_findings?image=nifti1/scan0.nii.gz", {}, 400, "ids are plain names"),
     ("post", "/infer/hlip_findings?image=..", {}, 400, "contains '..'"),
     ("post", "/infer/hlip_findings?session_id=../../etc", {}, 400, "ids are plain names"),
-    ("post", "/infer/hlip_findings?session_id=nope", {}, 404, "no upload session 'nope'"),
+    ("post", "/infer/hlip_findings?session_id=nope", {}, 404, "no upload session with this id"),
     ("post", "/infer/hlip_findings", {}, 400, "give exactly one of image="),
     ("post", "/infer/hlip_findings?image=nifti1&session_id=x", {}, 400, "give exactly one of image="),
     ("post", "/infer/hlip_findings?image=nifti1", _form('{"findings": ["mass effect", "  "]}'), 400, "finding 1 is empty"),
@@ -384,12 +384,12 @@ ERRORS = [
     ("get", "/hlip/search?text=mass&k=0", {}, 400, "k must be between 1 and 100"),
     ("get", "/hlip/search?text=mass&k=many", {}, 422, "k:"),
     ("get", "/hlip/search", {}, 422, "text: Field required"),
-    ("get", "/hlip/similar?study=missing", {}, 404, "no study or image with id 'missing'"),
+    ("get", "/hlip/similar?study=missing", {}, 404, "no study or image with this id"),
     ("get", "/hlip/similar?study=../secret", {}, 400, "ids are plain names"),
     ("get", "/hlip/similar?study=reportonly", {}, 422, "has no embedding"),
     ("get", "/datastore/image?image=../secret.nii.gz", {}, 400, "ids are plain names"),
     ("get", "/datastore/image?image=%2E%2E%2Fsecret", {}, 400, "ids are plain names"),
-    ("get", "/datastore/image?image=missing", {}, 404, "no image with id 'missing'"),
+    ("get", "/datastore/image?image=missing", {}, 404, "no image with this id"),
     ("get", "/session/%2E%2E", {}, 400, "contains '..'"),
     ("put", "/session/", {"json": {"files": []}}, 400, "multipart/form-data"),
     ("put", "/session/", {"files": {"other": ("a.nii.gz", b"x")}}, 400, "no files in the upload"),
@@ -524,3 +524,97 @@ def test_the_cache_fills_in_the_background_without_holding_requests(server):
         for name in added:
             shutil.rmtree(studies / name, ignore_errors=True)
         indexer.poke()
+
+
+# -- issue 20: hostile or clumsy clients -------------------------------------------------------------
+
+
+def test_other_web_pages_get_no_cors_permission_by_default(server):
+    client = server["client"]
+    evil = {"Origin": "http://evil.example"}
+    answer = client.get("/datastore/image", params={"image": "nifti1"}, headers=evil)
+    assert "access-control-allow-origin" not in answer.headers and "access-control-allow-credentials" not in answer.headers
+    preflight = client.options("/datastore/image", headers={**evil, "Access-Control-Request-Method": "PUT",
+                                                              "Access-Control-Request-Headers": "authorization"})
+    assert "access-control-allow-origin" not in preflight.headers and "access-control-allow-methods" not in preflight.headers
+
+
+def test_cors_origins_must_be_named_origins():
+    from monailabel_app.lib.routes import cors_origins
+
+    assert cors_origins({}) == [] and cors_origins({"cors_origins": "http://a.example, https://b.example:8443/"}) == \
+        ["http://a.example", "https://b.example:8443"]
+    for bad in ("*", "evil.example"):
+        with pytest.raises(ValueError, match="cors_origins"):
+            cors_origins({"cors_origins": bad})
+
+
+@pytest.mark.parametrize("method,url", [("post", "/scoring/anything"), ("get", "/scoring/"), ("delete", "/scoring/"),
+                                        ("post", "/activelearning/random")])
+def test_routes_that_do_not_apply_answer_404_without_a_child_process(server, method, url):
+    import psutil
+
+    before = len(psutil.Process().children(recursive=True))
+    answer = getattr(server["client"], method)(url)
+    assert answer.status_code == 404 and "does not apply" in answer.json()["detail"]
+    assert len(psutil.Process().children(recursive=True)) == before
+
+
+def test_labels_cannot_be_saved_and_logs_are_refused_without_auth(server):
+    client = server["client"]
+    label = client.put("/datastore/label", params={"image": "nifti1"}, files={"label": ("l.nii.gz", b"x")})
+    assert label.status_code == 405 and "label" in label.json()["detail"]
+    logs = client.get("/logs/")
+    assert logs.status_code == 403 and "admin" in logs.json()["detail"]
+
+
+def test_no_answer_carries_an_absolute_path_or_echoes_an_unknown_id(server, tmp_path):
+    client = server["client"]
+    volume = (server["studies"] / "nifti1" / "scan0.nii.gz").read_bytes()
+    created = client.put("/session/", files=[("files", ("scan0.nii.gz", volume))])
+    assert created.status_code == 200
+    session_id = created.json()["session_id"]
+    got = client.get(f"/session/{session_id}")
+    assert got.status_code == 200 and got.json()["name"] == session_id
+    for answer in (created, got, client.get("/hlip/status")):
+        assert str(server["tmp"]) not in answer.text and '"/' not in answer.text, answer.text
+    assert client.delete(f"/session/{session_id}").status_code == 200
+    assert client.get(f"/session/{session_id}").status_code == 404
+    for url, params in [("/datastore/image/info", {"image": "nosuch4711"}), ("/datastore/image", {"image": "nosuch4711"}),
+                        ("/infer/hlip_findings", {"image": "nosuch4711"}), ("/infer/hlip_findings", {"session_id": "nosuch4711"})]:
+        answer = client.post(url, params=params, data={"params": "{}"}) if url.startswith("/infer") else client.get(url, params=params)
+        assert answer.status_code == 404 and "nosuch4711" not in answer.text, (url, answer.text)
+    image = client.get("/hlip/studies").json()["studies"][0]["scans"][0]["image_id"]
+    assert client.get("/datastore/image/info", params={"image": image}).status_code == 200
+
+
+def test_deep_long_or_untyped_bodies_are_refused_in_words(server):
+    client = server["client"]
+    deep = client.post("/infer/hlip_findings", params={"image": "nifti1"}, content="[" * 100_000 + "]" * 100_000,
+                       headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400 and "deeper" in deep.json()["detail"]
+    long = client.post("/infer/hlip_findings", params={"image": "nifti1"}, data={"params": json.dumps({"findings": ["x" * (1 << 20)]})})
+    assert long.status_code in (400, 413)
+    untyped = client.post("/infer/hlip_findings", params={"image": "nifti1"}, content=b'{"findings": ["mass effect"]}',
+                          headers={"Content-Type": ""})
+    assert untyped.status_code == 415 and "Content-Type" in untyped.json()["detail"]
+
+
+def test_a_token_without_exp_is_refused(monkeypatch):
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from monailabel.config import settings
+    from monailabel.endpoints.user import auth
+
+    from monailabel_app.lib.routes import _fix_token_check
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
+    monkeypatch.setattr(auth, "get_public_key", lambda realm: key.public_key())
+    monkeypatch.setattr(auth, "from_token", auth.from_token)  # restored afterwards
+    _fix_token_check()
+    forever = jwt.encode({"preferred_username": "u"}, key, algorithm="RS256")
+    with pytest.raises(jwt.MissingRequiredClaimError):
+        auth.from_token(forever)
+    timed = jwt.encode({"preferred_username": "u", "exp": int(time.time()) + 60}, key, algorithm="RS256")
+    assert auth.from_token(timed).username == "u"

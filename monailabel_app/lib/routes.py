@@ -74,17 +74,50 @@ async def read_params(request: Request) -> dict:
         value = form.get("params")
         if value is not None:
             raw = value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
-    elif ctype:
+    else:
         body = await request.body()
         if body.strip():
-            raise HTTPException(status_code=415, detail=f"send params as JSON or as the form field 'params', not as {ctype}")
-    try:
-        params = json.loads(raw or "{}")
-    except ValueError as e:
-        raise HTTPException(status_code=400, detail=f"params is not valid JSON ({e})") from None
+            raise HTTPException(status_code=415, detail=f"send params as JSON (Content-Type: application/json) or as the form field 'params', "
+                                                        f"not as {ctype or 'a body without a Content-Type'}")
+    params = parse_json(raw, "params")
     if not isinstance(params, dict):
         raise HTTPException(status_code=400, detail="params must be a JSON object, e.g. {\"findings\": [\"midline shift\"], \"heatmaps\": true}")
     return params
+
+
+MAX_JSON_CHARS = 1 << 20
+MAX_JSON_DEPTH = 32
+
+
+def _depth(text: str) -> int:
+    """How deeply ``text`` nests brackets (outside strings), counted without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, in_string) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(raw: str, what: str):
+    """``raw`` parsed as JSON, refused with 400 when longer than MAX_JSON_CHARS, nested deeper than
+    MAX_JSON_DEPTH or not JSON (the parser never recurses deeply)."""
+    raw = raw or "{}"
+    if len(raw) > MAX_JSON_CHARS:
+        raise HTTPException(status_code=400, detail=f"{what} is longer than {MAX_JSON_CHARS} characters")
+    if _depth(raw) > MAX_JSON_DEPTH:
+        raise HTTPException(status_code=400, detail=f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise HTTPException(status_code=400, detail=f"{what} is not valid JSON ({str(e)[:200]})") from None
 
 
 CHUNK = 1 << 20
@@ -107,7 +140,7 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
     service = hlip()
     infers = app_instance()._infers
     if model not in infers:
-        raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this server has: {', '.join(infers)}")
+        raise HTTPException(status_code=404, detail=f"no such model; this server has: {', '.join(infers)}")
     if output not in ("", "json", "all"):
         raise HTTPException(status_code=400, detail=f"output={output!r} is not offered by {model}: it answers JSON (and multipart with heat maps)")
     if bool(image) == bool(session_id):
@@ -134,7 +167,7 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
     except ValueError as e:  # NoUsableScanError: the study's series cannot be used (the reasons are in the message)
         raise HTTPException(status_code=422, detail=str(e)) from None
     except FileNotFoundError:  # deleted from the studies folder (or the session expired) since it was listed
-        raise HTTPException(status_code=404, detail=f"files of {'image ' + image if image else 'session ' + session_id} "
+        raise HTTPException(status_code=404, detail=f"files of this {'image' if image else 'session'} "
                                                     "are gone from the datastore; list the studies again") from None
     return send_body(*answer) if heatmaps else JSONResponse(answer)
 
@@ -148,7 +181,7 @@ def _image_file(image: str) -> str:
         raise HTTPException(status_code=400, detail=f"image id {image[:80]!r} {reason}")
     path = app_instance().datastore().get_image_uri(image)
     if not path or not os.path.isfile(path):
-        raise HTTPException(status_code=404, detail=f"no image with id {image!r} in the datastore")
+        raise HTTPException(status_code=404, detail="no image with this id in the datastore")
     return path
 
 
@@ -195,10 +228,7 @@ def _modalities(scans: str | None, sent: dict[str, str]) -> dict[str, str]:
 
     if scans is None or not scans.strip():
         return {}
-    try:
-        items = json.loads(scans)
-    except ValueError as e:
-        raise HTTPException(status_code=400, detail=f"the 'scans' field is not valid JSON ({e})") from None
+    items = parse_json(scans, "the 'scans' field")
     example = '[{"file": "scan00.nii.gz", "modality": "CT"}]'
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("file"), str) for i in items):
         raise HTTPException(status_code=400, detail=f"the 'scans' field must be a JSON list of objects with a 'file' name, e.g. {example}")
@@ -292,9 +322,37 @@ def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int
         default = service.config.volume_modality
         understood = [{"file": name, "modality": modalities.get(where, default)} for name, where in sent.items()
                       if where is not None and where.lower().endswith(VOLUME_EXTENSIONS)] if not uncompress else []
-        return {"session_id": session_id, "session_info": info.to_json(), "scans": understood}
+        return {"session_id": session_id, "session_info": session_json(info), "scans": understood}
     finally:
         shutil.rmtree(received, ignore_errors=True)  # moved into the session store on success
+
+
+def session_json(info) -> dict:
+    """MONAI Label's session info without the server's own paths (``path``, ``image``)."""
+    return {k: v for k, v in info.to_json().items() if k not in ("path", "image")}
+
+
+@router.get("/session/{session_id}", summary=f"{RBAC_USER}Get Session", tags=["Session"])
+def api_get_session(session_id: str, update_ts: bool = False, image: bool = False, user: User = USER):
+    service = hlip()
+    info = service.sessions.get_session(session_id, update_ts=update_ts) if service.sessions is not None else None
+    if info is None:
+        raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created; PUT /session/ first)")
+    if image:
+        if os.path.isdir(info.image):
+            raise HTTPException(status_code=400, detail="this session holds several files; image=true returns a session of one file only")
+        return FileResponse(info.image, media_type=get_mime_type(info.image), filename=os.path.basename(info.image))
+    return session_json(info)
+
+
+@router.delete("/session/{session_id}", summary=f"{RBAC_USER}Delete Session", tags=["Session"])
+def api_remove_session(session_id: str, user: User = USER):
+    service = hlip()
+    info = service.sessions.get_session(session_id) if service.sessions is not None else None
+    if info is None:
+        raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created)")
+    service.sessions.remove_session(session_id)
+    return session_json(info)
 
 
 @router.put("/session/", summary=f"{RBAC_USER}Create new session with the volumes of one study", tags=["Session"])
@@ -353,6 +411,42 @@ def api_no_training(model: str = "", user: User = USER):
 def api_no_batch_infer(model: str, user: User = USER):
     raise HTTPException(status_code=400, detail="hlip_findings runs per study: POST /infer/hlip_findings?image=<study id>; "
                                                 "the datastore's embeddings for search are computed in the background")
+
+
+NOT_OFFERED = "this server scores whole studies with an HLIP model; it has no {what} (MONAI Label's {route} does not apply)"
+
+
+@router.api_route("/scoring/", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+@router.api_route("/scoring/{method}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+def api_no_scoring(method: str = "", user: User = USER):
+    raise HTTPException(status_code=404, detail=NOT_OFFERED.format(what="scoring methods", route="/scoring/"))
+
+
+@router.api_route("/activelearning/{strategy}", methods=["GET", "POST"], include_in_schema=False)
+def api_no_active_learning(strategy: str, user: User = USER):
+    raise HTTPException(status_code=404, detail=NOT_OFFERED.format(what="active learning strategies", route="/activelearning/"))
+
+
+@router.api_route("/datastore/label", methods=["PUT", "DELETE"], include_in_schema=False)
+@router.api_route("/datastore/label/info", methods=["PUT"], include_in_schema=False)
+@router.api_route("/datastore/updatelabelinfo", methods=["PUT"], include_in_schema=False)
+def api_no_labels(user: User = USER):
+    raise HTTPException(status_code=405, detail=NOT_OFFERED.format(what="labels to save", route="label saving"), headers={"Allow": "GET, HEAD"})
+
+
+@router.get("/datastore/image/info", summary=f"{RBAC_USER}Get Image Info", tags=["Datastore"])
+def api_image_info(image: str, user: User = USER):
+    _image_file(image)  # 404 for an unknown id
+    return app_instance().datastore().get_image_info(image)
+
+
+no_logs = APIRouter()  # installed only with auth off: with auth on, MONAI Label's admin-only /logs/ answers
+
+
+@no_logs.get("/logs/", include_in_schema=False)
+@no_logs.get("/logs/{what}", include_in_schema=False)
+def api_no_logs(what: str = ""):
+    raise HTTPException(status_code=403, detail="the server log is offered only with auth on (MONAI_LABEL_AUTH_ENABLE=true), to admins")
 
 
 no_proxy = APIRouter()  # installed only when the studies are a folder
@@ -473,7 +567,8 @@ def _fix_token_check() -> None:
         if not settings.MONAI_LABEL_AUTH_ENABLE:
             return auth.DEFAULT_USER
         key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
-        payload = jwt.decode(token, key, algorithms=algorithms, options={"verify_signature": True, "verify_aud": False, "verify_exp": True})
+        payload = jwt.decode(token, key, algorithms=algorithms, options={"verify_signature": True, "verify_aud": False, "verify_exp": True,
+                                                                     "require": ["exp"]})  # a token without exp would never expire
         roles = payload
         for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
             roles = roles.get(part) if isinstance(roles, dict) else None
@@ -485,6 +580,30 @@ def _fix_token_check() -> None:
     auth.from_token = from_token
 
 
+def cors_origins(conf: dict) -> list[str]:
+    """The origins ``--conf cors_origins`` allows (comma separated; empty: same origin only)."""
+    origins = [o.strip().rstrip("/") for o in str(conf.get("cors_origins", "")).split(",") if o.strip()]
+    for o in origins:
+        if o == "*" or not o.startswith(("http://", "https://")):
+            raise ValueError(f"--conf cors_origins lists {o[:80]!r}; give each allowed origin as http(s)://host[:port], never '*'")
+    return origins
+
+
+def _same_origin_cors(app) -> None:
+    """MONAI Label allows every origin, with credentials, when MONAI_LABEL_CORS_ORIGINS is empty: any
+    web page open in the user's browser could then read scans. Replace that by ``--conf cors_origins``
+    (none by default: same origin only)."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    origins = cors_origins(settings.MONAI_LABEL_APP_CONF or {})
+    app.user_middleware[:] = [m for m in app.user_middleware if getattr(m, "cls", None) is not CORSMiddleware]
+    if origins:
+        app.user_middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
+                                                 allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+                                                 allow_headers=["authorization", "content-type"]))
+
+
 def install(app) -> None:
     """Put the HLIP routes, guards and error handlers on MONAI Label's FastAPI ``app`` (once)."""
     if getattr(app.state, "hlip_installed", False):
@@ -493,6 +612,8 @@ def install(app) -> None:
 
     # our routes go first: for the paths and methods they share with MONAI Label's (REPLACED), ours match
     routers = [router] if settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")) else [router, no_proxy]
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        routers.append(no_logs)
     for r in routers:
         app.include_router(r, prefix=settings.MONAI_LABEL_API_STR)
         app.router.routes.insert(0, app.router.routes.pop())
@@ -505,6 +626,7 @@ def install(app) -> None:
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_any_error)
     app.add_middleware(GuardMiddleware)
+    _same_origin_cors(app)
     if settings.MONAI_LABEL_AUTH_ENABLE:
         _fix_token_check()
 

@@ -60,7 +60,7 @@ class HLIPService:
             study = self.datastore.refresh_one(study_or_image_id)
         if study is None:
             hint = "" if catalog.ready.is_set() else " (the datastore is still being scanned; try again shortly)"
-            raise HTTPException(status_code=404, detail=f"no study or image with id {study_or_image_id!r} in the datastore{hint}")
+            raise HTTPException(status_code=404, detail=f"no study or image with this id in the datastore{hint}")
         return study
 
     def session_study(self, session_id: str) -> StudyEntry:
@@ -69,7 +69,7 @@ class HLIPService:
             raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false)")
         info = self.sessions.get_session(session_id)
         if info is None:
-            raise HTTPException(status_code=404, detail=f"no upload session {session_id!r} (expired or never created; PUT /session/ first)")
+            raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created; PUT /session/ first)")
         image = info.image
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(image) for f in fs) if os.path.isdir(image) else [image]
         files = [f for f in files if os.path.basename(f) != "meta.info"]
@@ -209,7 +209,7 @@ class HLIPService:
 
     def status(self) -> dict:
         return {"worker": self.worker.status(), "index": {"enabled": self.indexer.enabled, **self.indexer.counts(), **self.indexer.throughput()},
-                "datastore": self.datastore.status(), "cache_dir": str(self.config.cache_dir)}
+                "datastore": self.datastore.status()}
 
 
 def multipart(result: dict, parts: list) -> tuple[bytes, str]:

@@ -87,7 +87,8 @@ class HLIPConfig:
     @classmethod
     def from_conf(cls, conf: dict, studies: str) -> "HLIPConfig":
         known = {"checkpoint", "cache_dir", "device", "precision", "findings", "heatmaps", "max_upload_mb", "max_queue",
-                 "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "volume_modality", "server_mode"}
+                 "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "volume_modality", "server_mode",
+                 "cors_origins"}
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ValueError(f"unknown --conf key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'server_mode'}))}")
