@@ -81,9 +81,41 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(signs * logits).sum() / b
 
 
+class DualClipLoss(nn.Module):
+    """The loss of HLIP's ``dual`` models: the mean of two CLIP InfoNCE terms.
+
+    forward(study_tokens [b, T, E], sentence [b, E], report [b, E], logit_scale, report_logit_scale)
+    -> scalar. The sentence term pairs image token 0 with one sentence of each report at
+    ``logit_scale``; the report term pairs the last image token with the whole report at
+    ``report_logit_scale``; both scales already exp'd. Total = (sentence + report) / 2, as the
+    reference trains them (``hlip-ablation`` train.py). Under torch.distributed each term gathers its
+    features as ClipLoss does, so the mean over ranks is the one-process loss.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.clip = ClipLoss()
+
+    def forward(self, study_tokens: torch.Tensor, sentence: torch.Tensor, report: torch.Tensor, logit_scale: torch.Tensor,
+                report_logit_scale: torch.Tensor | None) -> torch.Tensor:
+        if study_tokens.dim() != 3:
+            raise ValueError(f"the dual loss needs study tokens [b, T, E], got shape {list(study_tokens.shape)}")
+        if report_logit_scale is None:
+            raise ValueError("the dual loss needs a report temperature; build the model with loss='dual'")
+        sentence_term = self.clip(study_tokens[:, 0].contiguous(), sentence, logit_scale)
+        report_term = self.clip(study_tokens[:, -1].contiguous(), report, report_logit_scale)
+        return 0.5 * sentence_term + 0.5 * report_term
+
+
+LOSSES = ("clip", "siglip", "dual")
+
+
 def make_loss(kind: str) -> nn.Module:
+    """'clip' -> ClipLoss, 'siglip' -> SigLipLoss, 'dual' -> DualClipLoss."""
     if kind == "clip":
         return ClipLoss()
     if kind == "siglip":
         return SigLipLoss()
-    raise ValueError(f"unknown loss {kind!r}; expected 'clip' or 'siglip'")
+    if kind == "dual":
+        return DualClipLoss()
+    raise ValueError(f"unknown loss {kind!r}; expected 'clip', 'siglip' or 'dual'")

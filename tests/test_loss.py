@@ -1,4 +1,4 @@
-"""CLIP and SigLIP losses against their direct formulas, alone and split over 2 gloo processes."""
+"""CLIP, SigLIP and dual (sentence + report) losses against their direct formulas, alone and split over 2 gloo processes."""
 import math
 import os
 import socket
@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hlip_core.loss import ClipLoss, SigLipLoss, make_loss
+from hlip_core.loss import ClipLoss, DualClipLoss, SigLipLoss, make_loss
 
 
 def direct_clip(img, txt, scale):
@@ -51,6 +51,26 @@ def test_siglip_loss_equals_the_formula():
     assert abs(float(got) - direct_siglip(img, txt, 10.0, -3.0)) < 1e-4
 
 
+def test_dual_loss_is_the_mean_of_a_sentence_term_on_token_0_and_a_report_term_on_the_last_token():
+    img0, sent = features(seed=1)
+    img1, rep = features(seed=2)
+    tokens = torch.stack([img0, F.normalize(torch.randn(6, 8), dim=-1), img1], dim=1)  # T = 3: the middle token is unused
+    got = DualClipLoss()(tokens, sent, rep, torch.tensor(10.0), torch.tensor(4.0))
+    expected = 0.5 * direct_clip(img0, sent, 10.0) + 0.5 * direct_clip(img1, rep, 4.0)
+    assert abs(float(got) - expected) < 1e-5
+    # a single-token model (T = 1) uses its one token in both terms
+    got = DualClipLoss()(img0[:, None], sent, rep, torch.tensor(10.0), torch.tensor(4.0))
+    assert abs(float(got) - (0.5 * direct_clip(img0, sent, 10.0) + 0.5 * direct_clip(img0, rep, 4.0))) < 1e-5
+
+
+def test_dual_loss_refuses_pooled_features_and_a_missing_report_temperature():
+    img, txt = features()
+    with pytest.raises(ValueError, match=r"study tokens \[b, T, E\]"):
+        DualClipLoss()(img, txt, txt, torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="report temperature"):
+        DualClipLoss()(img[:, None], txt, txt, torch.tensor(1.0), None)
+
+
 def test_loss_kind_is_checked():
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("triplet")
@@ -74,8 +94,17 @@ class TwoTowers(torch.nn.Module):
         self.txt = torch.nn.Linear(12, 8)
         self.scale = torch.nn.Parameter(torch.tensor(2.0))
         self.bias = torch.nn.Parameter(torch.tensor(-1.0)) if kind == "siglip" else None
+        self.kind = kind
+        if kind == "dual":  # two image tokens, the report through its own layer, its own temperature
+            self.img = torch.nn.Linear(10, 16)
+            self.rep = torch.nn.Linear(12, 8)
+            self.report_scale = torch.nn.Parameter(torch.tensor(1.5))
 
     def forward(self, a, b):
+        if self.kind == "dual":
+            tokens = F.normalize(self.img(a).view(a.shape[0], 2, 8), dim=-1)
+            return (tokens, F.normalize(self.txt(b), dim=-1), F.normalize(self.rep(b), dim=-1), self.scale.exp(),
+                    self.report_scale.exp())
         return F.normalize(self.img(a), dim=-1), F.normalize(self.txt(b), dim=-1), self.scale.exp(), self.bias
 
 
@@ -99,7 +128,7 @@ def _worker(rank, world, port, kind, a, b, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dual"])
 def test_distributed_loss_and_gradients_equal_one_process(kind):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(8, 10, generator=g), torch.randn(8, 12, generator=g)
