@@ -102,7 +102,8 @@ def scan_shape(records: Sequence[dict]) -> tuple[int, int, int]:
 class Sample:
     study_id: str
     scans: torch.Tensor  # [n, 1, D, H, W]: uint8 in [0, 255] (uint8 storage) or float32 in [0, 1]
-    text: str
+    text: str  # the shuffled report (dual training: one sentence of it), after the prefix
+    report: str | None = None  # dual training: the whole shuffled report, after the prefix
 
 
 class StudyDataset(Dataset):
@@ -110,11 +111,14 @@ class StudyDataset(Dataset):
 
     Up to ``max_scans`` distinct scans are drawn per study, in random order; the report's sentences
     are shuffled and joined after ``prefix`` ({modality} is replaced by the study's modality).
+    dual: each sample also carries the whole report (``Sample.report``) and its ``text`` is ONE
+    sentence of the report drawn at random per epoch, after the same prefix (the dual models' recipe).
     A study that fails to load is logged and replaced by the next study of the manifest, so a batch
     keeps its size (every process of a distributed run must contribute the same number of studies).
     """
 
-    def __init__(self, records: Sequence[dict], root: str | os.PathLike, max_scans: int, prefix: str = "", seed: int = 0):
+    def __init__(self, records: Sequence[dict], root: str | os.PathLike, max_scans: int, prefix: str = "", seed: int = 0,
+                 dual: bool = False):
         if max_scans < 1:
             raise ValueError(f"max_scans must be at least 1, got {max_scans}")
         self.records = list(records)
@@ -122,6 +126,7 @@ class StudyDataset(Dataset):
         self.max_scans = int(max_scans)
         self.prefix = prefix
         self.seed = int(seed)
+        self.dual = bool(dual)
         self._failed: set[int] = set()
 
     def __len__(self) -> int:
@@ -140,13 +145,17 @@ class StudyDataset(Dataset):
         scans = record["scans"]
         chosen = rng.permutation(len(scans))[: self.max_scans]
         text = self.text(record, rng)
+        report = None
+        if self.dual:
+            sentences = report_sentences(record)
+            report, text = text, report_prefix(self.prefix, record) + sentences[int(rng.integers(len(sentences)))]
         arrays = [load_scan(self.root, scans[i], mmap=False, as_float=False) for i in chosen]
         if any(a.shape != arrays[0].shape for a in arrays):
             raise ValueError(f"scans of different shapes {[list(a.shape) for a in arrays]}")
         volume = stack_scans(arrays)
         if volume.dtype != np.uint8 and not np.isfinite(volume).all():
             raise ValueError("a scan holds NaN or infinite values")
-        return Sample(record["study_id"], torch.from_numpy(volume)[:, None], text)
+        return Sample(record["study_id"], torch.from_numpy(volume)[:, None], text, report)
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
@@ -166,6 +175,7 @@ class StudyDataset(Dataset):
 
 class Collate:
     """Pads samples into a batch: studies [B, N, 1, D, H, W], scan_mask [B, N] bool, tokens, ids.
+    Dual samples (with a ``report``) add ``report_tokens``: every sample of a batch must have one then.
     Studies stay uint8 when every sample is (the model reads uint8 as x / 255), else float32."""
 
     def __init__(self, tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]):
@@ -174,7 +184,13 @@ class Collate:
     def __call__(self, samples: list[Sample]) -> dict:
         studies, mask = pad_studies([s.scans for s in samples])
         ids, attention = self.tokenize([s.text for s in samples])
-        return {"studies": studies, "scan_mask": mask, "tokens": (ids, attention), "study_ids": [s.study_id for s in samples]}
+        batch = {"studies": studies, "scan_mask": mask, "tokens": (ids, attention), "study_ids": [s.study_id for s in samples]}
+        reports = [s.report for s in samples]
+        if any(r is not None for r in reports):
+            if any(r is None for r in reports):
+                raise ValueError("a batch mixes samples with and without a whole report (dual training needs both texts)")
+            batch["report_tokens"] = self.tokenize(reports)
+        return batch
 
 
 class StepSampler(Sampler):

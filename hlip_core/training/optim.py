@@ -10,7 +10,7 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 # parameters that are scales, offsets or lookup tables: weight decay would only pull them to zero
-NO_DECAY_NAMES = ("cls_token", "posemb", "pos_embed", "embeddings.", "logit_scale", "logit_bias")
+NO_DECAY_NAMES = ("cls_token", "posemb", "pos_embed", "embeddings.", "logit_scale", "logit_bias", "report_logit_scale")
 
 
 def decays(name: str, param: nn.Parameter) -> bool:
@@ -91,6 +91,10 @@ def lock_text_tower(model: nn.Module, unlocked_layers: int = 0) -> int:
 
 
 def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
-    """Keep the learned temperature within CLIP's range: exp(logit_scale) in [1, max_scale]."""
+    """Keep the learned temperatures within CLIP's range: exp(logit_scale) in [1, max_scale], and
+    exp(report_logit_scale) of dual models too (the reference clamps both to [0, ln 100])."""
     with torch.no_grad():
         model.logit_scale.clamp_(0.0, math.log(max_scale))
+        report = getattr(model, "report_logit_scale", None)
+        if report is not None:
+            report.clamp_(0.0, math.log(max_scale))

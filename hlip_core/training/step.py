@@ -20,19 +20,48 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
+import torch.nn as nn
 
 
 @dataclass
 class MicroBatch:
     studies: torch.Tensor  # [b, N, 1, D, H, W]
     scan_mask: torch.Tensor  # [b, N] bool
-    tokens: tuple[torch.Tensor, torch.Tensor]  # ids [b, L], attention mask [b, L]
+    tokens: tuple[torch.Tensor, torch.Tensor]  # ids [b, L], attention mask [b, L] (dual: one sentence per study)
+    report_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # dual training: the whole report, ids/mask [b, L']
+
+
+class DualObjective(nn.Module):
+    """The forward pass of dual training, as one module (so DistributedDataParallel can wrap it).
+
+    forward(studies, sentence_tokens, scan_mask, report_tokens) -> (study tokens [b, T, E],
+    sentence features [b, E], report features [b, E], exp(logit_scale), exp(report_logit_scale)),
+    the arguments of DualClipLoss. ``model`` needs encode_study_tokens, encode_text, logit_scale and
+    report_logit_scale (None is refused by the loss).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, studies, tokens, scan_mask=None, report_tokens=None):
+        if report_tokens is None:
+            raise ValueError("dual training needs the whole report's tokens beside the sentence's")
+        m = self.model
+        report_scale = getattr(m, "report_logit_scale", None)
+        return (m.encode_study_tokens(studies, scan_mask), m.encode_text(tokens), m.encode_text(report_tokens),
+                m.logit_scale.exp(), report_scale.exp() if report_scale is not None else None)
 
 
 def _forward(model, mb: MicroBatch, amp: Callable[[], ContextManager]):
+    """(features: tuple of [b, ...] tensors, scalars: tuple of scales/bias) of one micro-batch."""
     with amp():
-        study, text, scale, bias = model(mb.studies, mb.tokens, mb.scan_mask)
-    return study.float(), text.float(), scale, bias
+        if mb.report_tokens is not None:
+            out = model(mb.studies, mb.tokens, mb.scan_mask, mb.report_tokens)
+        else:
+            out = model(mb.studies, mb.tokens, mb.scan_mask)
+    features = tuple(f.float() for f in out[:-2])
+    return features, tuple(out[-2:])
 
 
 def accumulate_gradients(
@@ -47,8 +76,10 @@ def accumulate_gradients(
     """Add to ``.grad`` the gradient of the loss of all ``micro_batches`` taken as one batch.
 
     model: an HLIPModel (or DDP around one): model(studies, tokens, scan_mask) -> (study [b, E],
-    text [b, E], logit scale (exp'd), logit bias or None).
-    loss_fn: ClipLoss / SigLipLoss (they gather features over processes themselves).
+    text [b, E], logit scale (exp'd), logit bias or None); for micro-batches with ``report_tokens``
+    a DualObjective (or DDP around one), whose outputs are the DualClipLoss arguments.
+    loss_fn: ClipLoss / SigLipLoss / DualClipLoss (they gather features over processes themselves):
+    loss_fn(*features, *scalars), the features being every output but the last two.
     no_sync: DDP's ``no_sync`` (gradients are reduced over processes in the last backward only).
     backward: how to back-propagate a loss (a grad scaler's ``scale(loss).backward()``).
     Returns the loss computed at each backward pass (detached); they are all the large-batch loss,
@@ -62,31 +93,29 @@ def accumulate_gradients(
     last = len(micro_batches) - 1
     if last == 0:
         reseed(0)
-        study, text, scale, bias = _forward(model, micro_batches[0], amp)
-        loss = loss_fn(study, text, scale, bias)
+        features, scalars = _forward(model, micro_batches[0], amp)
+        loss = loss_fn(*features, *scalars)
         backward(loss)
         return [loss.detach()]
 
-    cached_study, cached_text = [], []
+    cached: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for k, mb in enumerate(micro_batches):
             reseed(k)
-            study, text, _, _ = _forward(model, mb, amp)
-            cached_study.append(study)
-            cached_text.append(text)
+            features, _ = _forward(model, mb, amp)
+            cached.append(features)
 
     losses = []
     for k, mb in enumerate(micro_batches):
         context = no_sync() if k < last else contextlib.nullcontext()
         with context:
             reseed(k)
-            study, text, scale, bias = _forward(model, mb, amp)
+            features, scalars = _forward(model, mb, amp)
             if k < last:
-                scale = scale.detach()
-                bias = bias.detach() if bias is not None else None
-            all_study = torch.cat(cached_study[:k] + [study] + cached_study[k + 1 :])
-            all_text = torch.cat(cached_text[:k] + [text] + cached_text[k + 1 :])
-            loss = loss_fn(all_study, all_text, scale, bias)
+                scalars = tuple(s.detach() if s is not None else None for s in scalars)
+            whole = [torch.cat([c[i] for c in cached[:k]] + [f] + [c[i] for c in cached[k + 1 :]])
+                     for i, f in enumerate(features)]
+            loss = loss_fn(*whole, *scalars)
             backward(loss)
         losses.append(loss.detach())
     return losses

@@ -35,7 +35,7 @@ from .distributed import (DistEnv, all_gather_json, barrier, derive_seed, destro
                           mean_over_ranks, pick_device)
 from .evaluate import format_auc_table, load_held_out, zero_shot_auc
 from .optim import CosineSchedule, build_optimizer, clamp_logit_scale, lock_text_tower
-from .step import MicroBatch, accumulate_gradients
+from .step import DualObjective, MicroBatch, accumulate_gradients
 from .text_pretrain import pretrain_text_tower
 from .vocab import report_vocabulary, tokenizer_from_vocabulary
 
@@ -211,9 +211,26 @@ class Trainer:
 
         return get_config(self.cfg.config, **self.model_overrides())
 
+    def _initial_model(self) -> HLIPModel:
+        """--init-from: the folder's model rebuilt with this run's overrides, then its weights (all
+        of them, checked by name and shape: a clear error, never a partial load)."""
+        from ..model import load
+        from ..model.checkpoint import load_state_checked
+        from ..model.registry import _merge
+
+        source = load(self.cfg.init_from)
+        config = _merge(copy.deepcopy(source.config), self.model_overrides())
+        model = HLIPModel(config, tokenizer=None)
+        model.tokenizer = source.tokenizer
+        load_state_checked(model, source.state_dict(), f"--init-from {self.cfg.init_from}")
+        log.info("new run initialised from the weights of %s (configuration %s)", self.cfg.init_from, config.get("name"))
+        return model
+
     def _new_model(self) -> HLIPModel:
         overrides = self.model_overrides()
-        if self.cfg.text_model:
+        if self.cfg.init_from:
+            model = self._initial_model()
+        elif self.cfg.text_model:
             torch.manual_seed(self.cfg.seed)
             model = create_model(self.cfg.config, text_folder=self.cfg.text_model, **overrides)
         else:
@@ -245,6 +262,8 @@ class Trainer:
                 self.text_pretraining = self._pretrain_text(model)
         model.train()
         self._check_scan_counts(model)
+        dual = model.config.get("loss", "clip") == "dual"
+        self.dataset.dual = dual  # each sample then carries one sentence and the whole report
         if cfg.lock_text:
             lock_text_tower(model, cfg.lock_text_unlocked_layers)
             _cache_locked_sentences(model.text)
@@ -279,11 +298,12 @@ class Trainer:
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=Collate(model.tokenizer),
                             num_workers=cfg.workers, pin_memory=device.type == "cuda",
                             persistent_workers=False)
+        objective = DualObjective(model) if dual else model
         ddp = None
         if env.distributed:
-            ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+            ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                           broadcast_buffers=False)
-        net = ddp if ddp is not None else model
+        net = ddp if ddp is not None else objective
         loss_fn = make_loss(model.config.get("loss", "clip"))
         trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -402,8 +422,10 @@ class Trainer:
     def _to_device(self, batch: dict) -> MicroBatch:
         d, pinned = self.device, self.device.type == "cuda"
         ids, attention = batch["tokens"]
+        report = batch.get("report_tokens")
         return MicroBatch(batch["studies"].to(d, non_blocking=pinned), batch["scan_mask"].to(d),
-                          (ids.to(d), attention.to(d)))
+                          (ids.to(d), attention.to(d)),
+                          (report[0].to(d), report[1].to(d)) if report is not None else None)
 
     def _diverged_message(self, what: str, value: float, step: int, last: Path | None) -> str:
         where = (f"The last good checkpoint is {last}; "
