@@ -118,4 +118,4 @@ def make_loss(kind: str) -> nn.Module:
         return SigLipLoss()
     if kind == "dual":
         return DualClipLoss()
-    raise ValueError(f"unknown loss {kind!r}; expected 'clip', 'siglip' or 'dual'")
+    raise ValueError(f"unknown loss {kind!r}; expected one of {', '.join(LOSSES)}")

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from hlip_core.loss import ClipLoss, DualClipLoss, SigLipLoss, make_loss
+from hlip_core.loss import LOSSES, ClipLoss, DualClipLoss, SigLipLoss, make_loss
+from hlip_core.training.config import LOSSES as TRAINING_LOSSES
 
 
 def direct_clip(img, txt, scale):
@@ -74,6 +75,8 @@ def test_dual_loss_refuses_pooled_features_and_a_missing_report_temperature():
 def test_loss_kind_is_checked():
     with pytest.raises(ValueError, match="unknown loss"):
         make_loss("triplet")
+    assert TRAINING_LOSSES == LOSSES  # --loss offers exactly the losses make_loss builds
+    assert all(make_loss(kind) is not None for kind in LOSSES)
     with pytest.raises(ValueError, match="logit bias"):
         SigLipLoss()(*features(), torch.tensor(1.0), None)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 TEXT_POOLINGS = ("cls", "mean", "sentence")  # hlip_core.model.text.POOLINGS (not imported: this module stays free of torch)
 TEXT_FEATURE_NORMS = (None, "standardise", "whiten")  # hlip_core.model.text.FEATURE_NORMS
+LOSSES = ("clip", "siglip", "dual")  # hlip_core.loss.LOSSES
 
 
 def _opt(default, help: str, **extra):
@@ -39,7 +40,7 @@ class TrainConfig:
     loss: str | None = _opt(None, "'clip', 'siglip' or 'dual' (dual models: image token 0 against one random sentence of the "
                                   "report, the last image token against the whole report, each with its own temperature, "
                                   "the mean of the two CLIP losses); the configuration's choice when not given",
-                            choices=(None, "clip", "siglip", "dual"))
+                            choices=(None, *LOSSES))
     text_model: str | None = _opt(None, "local Hugging Face folder of a pretrained text model (BiomedBERT...) with its tokenizer; "
                                         "when not given a small BERT and a WordPiece vocabulary trained on the reports are used")
     vocab_size: int = _opt(4000, "size of the WordPiece vocabulary trained on the reports (without --text-model)")
@@ -132,7 +133,7 @@ class TrainConfig:
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.loss not in (None, "clip", "siglip", "dual"):
+        if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"--loss must be clip, siglip or dual, got {self.loss!r}")
         if self.text_feature_norm not in TEXT_FEATURE_NORMS:
             raise ValueError(f"--text-feature-norm must be standardise or whiten, got {self.text_feature_norm!r}")
