@@ -421,12 +421,20 @@ def _non_image(inst: Instance) -> str | None:
     return None
 
 
+def _truncation(inst: Instance) -> str | None:
+    """Why a file cannot give pixels from its header alone ('truncated' detail), else None."""
+    if inst.pixel_state == "none" or not inst.rows or not inst.cols:
+        return "no pixel data"
+    if inst.pixel_state == "short":
+        return f"file ends at byte {inst.file_size} inside its pixel data"
+    return None
+
+
 def _copy_damage(inst: Instance) -> tuple[str, str] | None:
     """(reason, detail) when a file's pixels are incomplete or do not decode, else None."""
-    if inst.pixel_state == "none" or not inst.rows or not inst.cols:
-        return "truncated", "no pixel data"
-    if inst.pixel_state == "short":
-        return "truncated", f"file ends at byte {inst.file_size} inside its pixel data"
+    cut = _truncation(inst)
+    if cut is not None:
+        return "truncated", cut
     try:
         read_frames(inst)
     except AssemblyError as exc:
@@ -443,6 +451,12 @@ def _copy_geometry(inst: Instance) -> tuple:
     spacing = tuple(round(v, 4) for v in inst.pixel_spacing) if inst.pixel_spacing else None
     key = inst.volume_keys[0] if inst.volume_keys else ()
     return (ori, inst.rows, inst.cols, spacing), (pos, key)
+
+
+def _fits(inst: Instance, frame: tuple | None, taken: set) -> bool:
+    """Whether ``inst`` has the series' usual frame (orientation, size, spacing) at a free position."""
+    own_frame, place = _copy_geometry(inst)
+    return own_frame == frame and place not in taken
 
 
 def resolve_copies(instances: list[Instance]) -> tuple[list[Instance], list[Skipped], Skipped | None]:
@@ -505,7 +519,7 @@ def resolve_copies(instances: list[Instance]) -> tuple[list[Instance], list[Skip
             drop.discard(id(keep))
             continue
         if len(intact) > 1:
-            fits = [g for g in intact if (lambda f, p: f == usual and p not in taken)(*_copy_geometry(g[0]))]
+            fits = [g for g in intact if _fits(g[0], usual, taken)]
             if len(fits) != 1:
                 files = sorted(i.path for g in intact for i in g)
                 first = copies[0]
@@ -543,8 +557,8 @@ def plan_series(instances: list[Instance], options: IngestOptions) -> tuple[list
         return [], skipped + [conflict]
     kept = []
     for inst in instances:
-        if inst.pixel_state in ("none", "short") or not inst.rows or not inst.cols:
-            detail = "no pixel data" if inst.pixel_state == "none" else f"file ends at byte {inst.file_size} inside its pixel data"
+        detail = _truncation(inst)
+        if detail is not None:
             skipped.append(Skipped("file", "truncated", detail, inst.series_number, inst.description, inst.series_uid, [inst.path]))
             continue
         kept.append(inst)
