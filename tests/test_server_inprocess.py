@@ -580,6 +580,10 @@ def test_no_answer_carries_an_absolute_path_or_echoes_an_unknown_id(server, tmp_
         assert str(server["tmp"]) not in answer.text and '"/' not in answer.text, answer.text
     assert client.delete(f"/session/{session_id}").status_code == 200
     assert client.get(f"/session/{session_id}").status_code == 404
+    assert client.delete(f"/session/{session_id}").status_code == 404
+    for unsafe in ("a..b", "a%5Cb", "x" * 300):  # the session routes check ids as every other route does
+        assert client.get(f"/session/{unsafe}").status_code == 400
+        assert client.delete(f"/session/{unsafe}").status_code == 400
     for url, params in [("/datastore/image/info", {"image": "nosuch4711"}), ("/datastore/image", {"image": "nosuch4711"}),
                         ("/infer/hlip_findings", {"image": "nosuch4711"}), ("/infer/hlip_findings", {"session_id": "nosuch4711"})]:
         answer = client.post(url, params=params, data={"params": "{}"}) if url.startswith("/infer") else client.get(url, params=params)

@@ -334,10 +334,7 @@ def session_json(info) -> dict:
 
 @router.get("/session/{session_id}", summary=f"{RBAC_USER}Get Session", tags=["Session"])
 def api_get_session(session_id: str, update_ts: bool = False, image: bool = False, user: User = USER):
-    service = hlip()
-    info = service.sessions.get_session(session_id, update_ts=update_ts) if service.sessions is not None else None
-    if info is None:
-        raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created; PUT /session/ first)")
+    info = hlip().session_info(session_id, update_ts=update_ts)
     if image:
         if os.path.isdir(info.image):
             raise HTTPException(status_code=400, detail="this session holds several files; image=true returns a session of one file only")
@@ -348,9 +345,7 @@ def api_get_session(session_id: str, update_ts: bool = False, image: bool = Fals
 @router.delete("/session/{session_id}", summary=f"{RBAC_USER}Delete Session", tags=["Session"])
 def api_remove_session(session_id: str, user: User = USER):
     service = hlip()
-    info = service.sessions.get_session(session_id) if service.sessions is not None else None
-    if info is None:
-        raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created)")
+    info = service.session_info(session_id)
     service.sessions.remove_session(session_id)
     return session_json(info)
 

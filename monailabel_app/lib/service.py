@@ -63,13 +63,19 @@ class HLIPService:
             raise HTTPException(status_code=404, detail=f"no study or image with this id in the datastore{hint}")
         return study
 
-    def session_study(self, session_id: str) -> StudyEntry:
+    def session_info(self, session_id: str, update_ts: bool = False):
+        """MONAI Label's SessionInfo of an upload session: 400 for an unsafe id, 406 with sessions
+        off, 404 for an unknown or expired one."""
         check_id(session_id, "session id")
         if self.sessions is None:
             raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false)")
-        info = self.sessions.get_session(session_id)
+        info = self.sessions.get_session(session_id, update_ts=update_ts)
         if info is None:
             raise HTTPException(status_code=404, detail="no upload session with this id (expired or never created; PUT /session/ first)")
+        return info
+
+    def session_study(self, session_id: str) -> StudyEntry:
+        info = self.session_info(session_id)
         image = info.image
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(image) for f in fs) if os.path.isdir(image) else [image]
         files = [f for f in files if os.path.basename(f) != "meta.info"]
