@@ -4,6 +4,7 @@ and --init-from reaching the model configuration."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 import hlip_core
 from hlip_core.loss import DualClipLoss
+from hlip_core.model.clip import create_model
 from hlip_core.training import Collate, DualObjective, MicroBatch, StudyDataset, TrainConfig, accumulate_gradients, load_records
 from hlip_core.training.distributed import DistEnv
 from hlip_core.training.optim import clamp_logit_scale, decays
@@ -80,8 +82,7 @@ def test_dual_accumulated_gradient_equals_the_large_batch_gradient():
 
 
 def test_dual_objective_on_a_single_token_model_refuses_without_a_report_temperature():
-    model = tiny_model().eval()  # today's model: one token, no report temperature
-    model.encode_study_tokens = lambda x, scan_mask=None: model.encode_study(x, scan_mask)[:, None]
+    model = tiny_model().eval()  # a cls-head model: one token, no report temperature
     x = torch.rand(2, 1, 1, 32, 64, 64)
     tokens = model.tokenize(WORDS[:2])
     out = DualObjective(model)(x, tokens, torch.ones(2, 1, dtype=torch.bool), tokens)
@@ -159,3 +160,18 @@ def test_second_stage_options_reach_the_model_configuration(tmp_path):
     cfg.model_overrides = {"embed_dim": 32}
     with pytest.raises(hlip_core.CheckpointMismatchError, match="init-from"):
         Trainer(cfg, DistEnv(), torch.device("cpu"))._new_model()
+
+
+def test_model_api_names_the_embedding_and_temperature_of_each_use():
+    plain = tiny_model().eval()
+    x = torch.rand(2, 2, 1, 32, 64, 64)
+    with torch.no_grad():
+        tokens = plain.encode_study_tokens(x)
+        assert tokens.shape == (2, 1, plain.config["embed_dim"])
+        assert torch.equal(plain.encode_study(x), tokens[:, 0]) and torch.equal(plain.encode_study_for_reports(x), tokens[:, 0])
+    assert plain.report_logit_scale is None and float(plain.report_scale()) == pytest.approx(float(plain.logit_scale.exp()))
+    dual = create_model("tiny_multiscan_h2", tokenizer=plain.tokenizer, loss="dual")
+    with torch.no_grad():
+        dual.report_logit_scale.fill_(math.log(42.0))
+    assert float(dual.report_scale()) == pytest.approx(42.0) and float(dual.logit_scale.exp()) != pytest.approx(42.0)
+    assert "report_logit_scale" in dual.state_dict() and "report_logit_scale" not in plain.state_dict()

@@ -60,6 +60,9 @@ class HLIPModel(nn.Module):
         siglip = config.get("loss", "clip") == "siglip"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0) if siglip else math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        # dual models (loss "dual"): the report-level temperature, log scale (released as ``logit_bias``)
+        dual = config.get("loss", "clip") == "dual"
+        self.report_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if dual else None
 
     @property
     def device(self) -> torch.device:
@@ -72,11 +75,32 @@ class HLIPModel(nn.Module):
         else:
             self.text.transformer.gradient_checkpointing_disable()
 
+    def encode_study_tokens(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+        """Studies [B, N, 1, D, H, W] (see ``encode_study``) -> one embedding per prefix token
+        [B, T, embed_dim]: T = 1 for a cls-token head; for a dino.txt head, token 0 (cls) and the
+        register tokens after it. Token 0 is the sentence-level (zero-shot) embedding, the last token
+        the report-level one (``encode_study_for_reports``); both are the same when T = 1."""
+        z = self.visual(x, scan_mask)
+        if z.ndim == 2:
+            z = z[:, None]
+        return F.normalize(z, dim=-1) if normalize else z
+
     def encode_study(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
         """Studies [B, N, 1, D, H, W], float in [0, 1] or uint8 in [0, 255] (scan_mask [B, N] bool,
-        True = real scan) -> [B, embed_dim]."""
-        z = self.visual(x, scan_mask)
-        return F.normalize(z, dim=-1) if normalize else z
+        True = real scan) -> [B, embed_dim]: the zero-shot (findings) embedding, token 0."""
+        return self.encode_study_tokens(x, scan_mask, normalize)[:, 0]
+
+    def encode_study_for_reports(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+        """As ``encode_study`` but the embedding for report search and study->report retrieval: the
+        last prefix token (the register token of a dual model; token 0 otherwise) -> [B, embed_dim].
+        Its temperature is ``report_scale()``."""
+        return self.encode_study_tokens(x, scan_mask, normalize)[:, -1]
+
+    def report_scale(self) -> torch.Tensor:
+        """exp() of the log temperature of study<->report similarity: ``report_logit_scale`` for a dual
+        model, ``logit_scale`` otherwise (a 0-dim tensor)."""
+        scale = self.report_logit_scale if self.report_logit_scale is not None else self.logit_scale
+        return scale.exp()
 
     def tokenize(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:

@@ -10,6 +10,7 @@ import copy
 import json
 from importlib import resources
 
+from ..loss import LOSSES
 from .encoder import LEVELS
 
 FULLATTN = "_fullattn"
@@ -65,7 +66,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 def get_config(name: str, **overrides) -> dict:
     """A fresh copy of a named configuration with ``overrides`` merged in (nested dicts merge).
 
-    Top-level keys: name, description, embed_dim, loss ('clip' or 'siglip'), vision, text.
+    Top-level keys: name, description, embed_dim, loss ('clip', 'siglip' or 'dual'), vision, text.
     ``vision.levels`` comes back as an explicit per-block list.
     """
     base_name = name[: -len(FULLATTN)] if name.endswith(FULLATTN) else name
@@ -79,6 +80,6 @@ def get_config(name: str, **overrides) -> dict:
         cfg["vision"]["levels"] = ["study"] * int(cfg["vision"]["depth"])
     cfg = _merge(cfg, copy.deepcopy(overrides))
     cfg["vision"]["levels"] = level_schedule(cfg["vision"]["levels"], int(cfg["vision"]["depth"]))
-    if cfg.get("loss", "clip") not in ("clip", "siglip"):
-        raise ValueError(f"loss must be 'clip' or 'siglip', got {cfg['loss']!r}")
+    if cfg.get("loss", "clip") not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
     return cfg
