@@ -57,12 +57,12 @@ class HLIPModel(nn.Module):
             text_tower = TextTower.from_config(text_cfg, embed_dim)
         self.text = text_tower
         self.tokenizer = tokenizer
-        siglip = config.get("loss", "clip") == "siglip"
+        loss = config.get("loss", "clip")
+        siglip = loss == "siglip"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0) if siglip else math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
-        # dual models (loss "dual"): the report-level temperature, log scale (released as ``logit_bias``)
-        dual = config.get("loss", "clip") == "dual"
-        self.report_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if dual else None
+        # dual models: the report-level temperature, log scale (released as ``logit_bias``)
+        self.report_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if loss == "dual" else None
 
     @property
     def device(self) -> torch.device:
@@ -79,7 +79,8 @@ class HLIPModel(nn.Module):
         """Studies [B, N, 1, D, H, W] (see ``encode_study``) -> one embedding per prefix token
         [B, T, embed_dim]: T = 1 for a cls-token head; for a dino.txt head, token 0 (cls) and the
         register tokens after it. Token 0 is the sentence-level (zero-shot) embedding, the last token
-        the report-level one (``encode_study_for_reports``); both are the same when T = 1."""
+        the report-level one (``encode_study_for_reports``); both are the same when T = 1. A caller
+        that needs both embeds once here and slices, instead of calling the two one-token methods."""
         z = self.visual(x, scan_mask)
         if z.ndim == 2:
             z = z[:, None]
