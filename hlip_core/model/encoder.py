@@ -343,7 +343,7 @@ class HierarchicalViT(nn.Module):
             self.sequential_posemb = nn.Parameter(table, requires_grad=False)
         else:
             self.sequential_posemb = None
-        rates = torch.linspace(0, drop_path_rate, len(levels)).tolist()
+        rates = torch.linspace(0, drop_path_rate, len(levels), device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, level, rate) for level, rate in zip(self.levels, rates)
         )
