@@ -1,9 +1,11 @@
 """A deliberately plain re-statement of HLIP's image encoder, for checking the real one.
 
 It reads raw tensors from a state dict (open_clip / timm names), loops over every partition of
-every block with explicit softmax attention, and keeps one cls token per partition in a dict keyed
-by the partition: slice (n, s), scan (n,), study (). A partition contains another when its key is
-a prefix of the other's, so "copy on split, average on merge" is spelled out literally.
+every block with explicit softmax attention, and keeps the prefix tokens (cls, then the registers
+of ``reg_token`` if the state dict has one) of each partition in a dict keyed by the partition:
+slice (n, s), scan (n,), study (). A partition contains another when its key is a prefix of the
+other's, so "copy on split, average on merge" is spelled out literally. Without
+``sequential_posemb`` in the state dict no scan-index table is added.
 """
 from __future__ import annotations
 
@@ -32,8 +34,11 @@ def _keys(level: str, n_scans: int, n_slabs: int) -> list[tuple]:
     return [()]
 
 
-def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: torch.Tensor, prefix: str = "") -> torch.Tensor:
-    """One study [N, 1, D, H, W] (valid scans only, evaluation mode) -> trunk feature [C]."""
+def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: torch.Tensor, prefix: str = "",
+                  head: str = "token") -> torch.Tensor:
+    """One study [N, 1, D, H, W] (valid scans only, evaluation mode) -> trunk feature: [C] (the
+    final cls) for head "token"; [K, 2C], row p = [prefix token p ; mean of every patch token of
+    the study], both after the final LayerNorm, for head "dinotxt"."""
     w = sd[prefix + "patch_embed.proj.weight"]
     study = (study - 0.449) / 0.226  # the input standardisation of HLIP's training
     tok = F.conv3d(study, w, sd[prefix + "patch_embed.proj.bias"], stride=patch).permute(0, 2, 3, 4, 1)
@@ -49,7 +54,11 @@ def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: 
     def members(key):  # slabs inside a partition
         return [k for k in tokens if k[: len(key)] == key]
 
-    cls = {key: sd[prefix + "cls_token"][0, 0] for key in _keys(levels[0], N, d)}
+    start = sd[prefix + "cls_token"][0]
+    if prefix + "reg_token" in sd:
+        start = torch.cat([start, sd[prefix + "reg_token"][0]])
+    K = start.shape[0]
+    cls = {key: start for key in _keys(levels[0], N, d)}
     level = levels[0]
     for i, new_level in enumerate(levels):
         if new_level != level:
@@ -63,10 +72,17 @@ def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: 
             cls, level = new, new_level
         for key in cls:
             slabs = members(key)
-            seq = torch.cat([cls[key][None]] + [tokens[k] for k in slabs])
+            seq = torch.cat([cls[key]] + [tokens[k] for k in slabs])
             out = _block(sd, f"{prefix}blocks.{i}.", seq, heads)
-            cls[key] = out[0]
+            cls[key] = out[:K]
             for j, k in enumerate(slabs):
-                tokens[k] = out[1 + j * h * ww : 1 + (j + 1) * h * ww]
+                tokens[k] = out[K + j * h * ww : K + (j + 1) * h * ww]
     final = torch.stack(list(cls.values())).mean(0) if level != "study" else cls[()]
-    return F.layer_norm(final, (C,), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"], eps=1e-6)
+
+    def norm(t):
+        return F.layer_norm(t, (C,), sd[prefix + "norm.weight"], sd[prefix + "norm.bias"], eps=1e-6)
+
+    if head == "token":
+        return norm(final[0])
+    mean = norm(torch.cat(list(tokens.values()))).mean(0)
+    return torch.cat([norm(final), mean[None].expand(K, -1)], dim=1)

@@ -36,7 +36,10 @@ def test_every_configuration_builds_and_embeds(name):
     x = torch.randn(2, n, 1, 2 * d, 2 * h, 2 * w)  # small scans: the position table is resampled
     with torch.no_grad():
         out = trunk(x)
-    assert out.shape == (2, cfg["vision"]["width"])
+    if cfg["vision"].get("head", "token") == "dinotxt":
+        assert out.shape == (2, 1 + cfg["vision"].get("num_registers", 0), 2 * cfg["vision"]["width"])
+    else:
+        assert out.shape == (2, cfg["vision"]["width"])
     assert torch.isfinite(out).all()
     if name.endswith("_fullattn"):
         assert set(trunk.levels) == {"study"}
@@ -66,7 +69,8 @@ def test_all_study_blocks_equal_full_attention_over_all_tokens():
     trunk = small_trunk(["study"] * 3)
     x = torch.randn(1, 3, 1, 16, 32, 32)
     with torch.no_grad():
-        cls, patches, _ = trunk.forward_tokens(x)
+        prefix, patches, _ = trunk.forward_tokens(x)
+        cls = prefix[:, 0]
         # plain ViT: one sequence of cls + every token of every scan, through the same blocks
         tokens, _ = trunk.embed(x)
         seq = torch.cat([trunk.cls_token, tokens.reshape(1, -1, trunk.width)], dim=1)

@@ -181,7 +181,8 @@ def test_relevance_of_every_finding_from_one_pass_equals_a_full_backward_per_fin
     attn_module.keep_attention = True
     for f, direction in enumerate(directions):  # the plain way: forward and backward through everything
         model.zero_grad()
-        cls, _, lay = trunk.forward_tokens(x.clone().requires_grad_(True), mask)
+        prefix, _, lay = trunk.forward_tokens(x.clone().requires_grad_(True), mask)
+        cls = prefix[:, 0]
         attn = attn_module.last_attention
         attn.retain_grad()
         (F.normalize(model.visual.head(cls), dim=-1)[0] @ direction).backward()

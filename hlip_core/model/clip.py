@@ -16,6 +16,8 @@ from .text import ReportTokenizer, TextTower, sentence_boundary_ids
 
 
 def build_trunk(vision: dict) -> HierarchicalViT:
+    """The image trunk of a configuration's ``vision`` section (keys as in ``registry.get_config``;
+    ``head``, ``num_registers`` and ``scan_posemb`` select the released 2025-10 architectures)."""
     return HierarchicalViT(
         img_size=tuple(vision["img_size"]),
         patch_size=tuple(vision["patch_size"]),
@@ -29,6 +31,9 @@ def build_trunk(vision: dict) -> HierarchicalViT:
         input_mean=float(vision.get("input_mean", 0.449)),
         input_std=float(vision.get("input_std", 0.226)),
         stem=vision.get("stem"),
+        scan_posemb=vision.get("scan_posemb"),
+        num_registers=int(vision.get("num_registers", 0)),
+        head=vision.get("head", "token"),
     )
 
 

@@ -8,16 +8,25 @@ Every block attends within one level of the study's hierarchy:
 - ``study``: all patches of all valid scans of the study.
 
 Tokens are kept per valid scan as ``[V, S, T, C]`` (V valid scans in the batch, S slabs, T tokens
-a slab); a level is only a different view of that tensor, plus one cls token per partition. The cls
-token is copied into every partition when a partition splits and averaged over the partitions when
-they merge. Scan slots that the ``scan_mask`` marks as padding are never embedded: slice and scan
+a slab); a level is only a different view of that tensor, plus the prefix tokens of each partition: the
+cls token and, when the configuration has them, register tokens (``reg_token``). Prefix tokens are
+copied into every partition when a partition splits and averaged over the partitions when they
+merge. Scan slots that the ``scan_mask`` marks as padding are never embedded: slice and scan
 blocks see only valid scans, study blocks mask padded positions out of attention, so a study's
 embedding does not depend on what it is batched with.
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.N.norm1``,
 ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.mlp.fc1/fc2``, ``norm``) and the public
-HLIP code (``cls_token``, ``spatial_posemb``, ``sequential_posemb``), so released weights load by
-name.
+HLIP code (``cls_token``, ``reg_token``, ``spatial_posemb``, ``sequential_posemb``), so released
+weights load by name.
+
+Heads (``head``): ``"token"`` gives the study feature [B, C], the final cls token after ``norm``;
+``"dinotxt"`` (the dino.txt pooling of the released 2025-10 models) gives one feature per prefix
+token [B, 1 + R, 2C]: [p ; mean of all patch tokens of the study's valid scans], both after the
+final ``norm``. As in timm's VisionTransformer with ``global_pool="token"``, the LayerNorm is
+``norm`` (width C, on every token before pooling); timm's ``fc_norm`` is an Identity there and has
+no weights, so a released dino.txt state dict has ``visual.trunk.norm.*`` [C] and
+``visual.head.proj.weight`` [E, 2C], and no ``fc_norm`` key.
 """
 from __future__ import annotations
 
@@ -28,19 +37,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .pos_embed import resample_spatial, scan_index_rows, sincos_1d, sincos_3d
+from .pos_embed import resample_spatial, scan_index_rows, sincos_1d, spatial_table
 
 LEVELS = ("slice", "scan", "study")
+HEADS = ("token", "dinotxt")
 _RANK = {"slice": 0, "scan": 1, "study": 2}
 
 
 class Attention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
-    Set ``keep_attention = True`` to also keep the attention of each partition's cls token (the
-    first query) over its sequence, in the autograd graph, in ``last_attention`` [P, heads, 1, L].
-    Only that row is computed explicitly (memory grows with L, not L^2); saliency methods take its
-    gradient with ``torch.autograd.grad``.
+    Set ``keep_attention = k`` (an int; ``True`` is 1) to also keep the attention of each
+    partition's first k queries (its prefix tokens: cls, then registers) over its sequence, in the
+    autograd graph, in ``last_attention`` [P, heads, k, L]. Only those rows are computed explicitly
+    (memory grows with L, not L^2); saliency methods take their gradient with ``torch.autograd.grad``.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -51,7 +61,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.keep_attention = False
+        self.keep_attention: int = 0
         self.last_attention: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,12 +78,13 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if self.keep_attention:
-            logits = (q[:, :, :1] * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # [P, heads, 1, L]
+            kq = int(self.keep_attention)
+            logits = (q[:, :, :kq] * self.head_dim ** -0.5) @ k.transpose(-2, -1)  # [P, heads, kq, L]
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             attn = logits.softmax(dim=-1)
             self.last_attention = attn
-            out = torch.cat([attn @ v, out[:, :, 1:]], dim=2)
+            out = torch.cat([attn @ v, out[:, :, kq:]], dim=2)
         return self.proj(out.transpose(1, 2).reshape(P, L, C))
 
 
@@ -257,11 +268,17 @@ class LastBlockInput:
 
 
 class HierarchicalViT(nn.Module):
-    """The HLIP image trunk. ``forward`` returns the study feature [B, C] (final cls after LayerNorm).
+    """The HLIP image trunk. ``forward`` returns the study feature: [B, C] (final cls after LayerNorm)
+    for ``head="token"``, [B, 1 + num_registers, 2C] for ``head="dinotxt"`` (see the module docstring).
 
     levels: one of ``slice``/``scan``/``study`` per block (the schedule is configuration).
     img_size: the (D, H, W) the position table is built for; other sizes are resampled.
     max_scans: rows of the scan-index table; 1 means single-scan studies (no scan-index table).
+    scan_posemb: whether multi-scan studies get the scan-index table (``sequential_posemb``) added;
+    None means ``max_scans > 1``. False is the released ``ablate_seqposemb`` models: several scans
+    per study, the spatial table only (then ``max_scans`` only bounds the scans of a training study).
+    num_registers: register tokens (``reg_token`` [1, R, C]), prefix tokens after the cls token.
+    head: ``"token"`` (cls token) or ``"dinotxt"`` (every prefix token with the patch mean).
     patch_dropout: fraction of patch tokens dropped in training, the same count in every partition
     of the finest level used by the schedule, so partitions still tile the study.
     input_mean, input_std: scans come in as [0, 1] intensities (or uint8, read as x / 255) and are
@@ -287,8 +304,19 @@ class HierarchicalViT(nn.Module):
         input_mean: float = 0.449,
         input_std: float = 0.226,
         stem: dict | None = None,
+        scan_posemb: bool | None = None,
+        num_registers: int = 0,
+        head: str = "token",
     ):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        if int(num_registers) < 0:
+            raise ValueError(f"num_registers must be 0 or more, got {num_registers}")
+        if scan_posemb is None:
+            scan_posemb = max_scans > 1
+        if scan_posemb and max_scans < 2:
+            raise ValueError(f"a scan-index table needs max_scans >= 2, got {max_scans}")
         for i, (s, p) in enumerate(zip(img_size, patch_size)):
             if s % p:
                 raise ValueError(f"img_size {tuple(img_size)} is not divisible by patch_size {tuple(patch_size)} (axis {i})")
@@ -298,19 +326,24 @@ class HierarchicalViT(nn.Module):
         self.levels = list(levels)
         self.width = width
         self.max_scans = max_scans
+        self.head = head
+        self.num_registers = int(num_registers)
+        self.num_prefix_tokens = 1 + self.num_registers
+        self.num_features = 2 * width if head == "dinotxt" else width
         self.in_chans = in_chans
         self.patch_dropout = patch_dropout
         self.input_mean, self.input_std = float(input_mean), float(input_std)
         self.grad_checkpointing = False
         self.patch_embed = make_patch_embed(self.patch_size, in_chans, width, stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.spatial_posemb = nn.Parameter(sincos_3d(width, self.grid_size), requires_grad=False)
-        if max_scans > 1:
+        self.reg_token = nn.Parameter(torch.zeros(1, self.num_registers, width)) if self.num_registers else None
+        self.spatial_posemb = nn.Parameter(spatial_table(width, self.grid_size), requires_grad=False)
+        if scan_posemb:
             table = sincos_1d(width, torch.arange(max_scans, dtype=torch.float64))[None]
             self.sequential_posemb = nn.Parameter(table, requires_grad=False)
         else:
             self.sequential_posemb = None
-        rates = torch.linspace(0, drop_path_rate, len(levels)).tolist()
+        rates = torch.linspace(0, drop_path_rate, len(levels), device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, level, rate) for level, rate in zip(self.levels, rates)
         )
@@ -319,6 +352,8 @@ class HierarchicalViT(nn.Module):
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for m in self.blocks.modules():
@@ -359,25 +394,27 @@ class HierarchicalViT(nn.Module):
         return {"slice": lay.valid * lay.slabs, "scan": lay.valid, "study": lay.batch}[level]
 
     def _merge_cls(self, cls: torch.Tensor, src: str, dst: str, lay: _Layout) -> torch.Tensor:
-        """Average the cls copies of finer partitions into the coarser level. cls: [P, C]."""
+        """Average the prefix copies of finer partitions into the coarser level. cls: [P, K, C]."""
+        K, C = cls.shape[-2:]
         if src == "slice":
-            cls = cls.view(lay.valid, lay.slabs, -1).mean(dim=1)
+            cls = cls.view(lay.valid, lay.slabs, K, C).mean(dim=1)
             if dst == "scan":
                 return cls
         # scan -> study: mean over the valid scans of each study only
-        out = cls.new_zeros(lay.batch, cls.shape[-1]).index_add_(0, lay.study_of_scan, cls)
-        return out / lay.scans_per_study[:, None].to(cls.dtype)
+        out = cls.new_zeros(lay.batch, K, C).index_add_(0, lay.study_of_scan, cls)
+        return out / lay.scans_per_study[:, None, None].to(cls.dtype)
 
     def _split_cls(self, cls: torch.Tensor, src: str, dst: str, lay: _Layout) -> torch.Tensor:
-        """Copy each partition's cls into the finer partitions it splits into. cls: [P, C]."""
+        """Copy each partition's prefix tokens into the finer partitions it splits into. cls: [P, K, C]."""
         if src == "study":
             cls = cls[lay.study_of_scan]
         if dst == "slice":
-            cls = cls[:, None, :].expand(-1, lay.slabs, -1).reshape(-1, cls.shape[-1])
+            cls = cls[:, None].expand(-1, lay.slabs, -1, -1).reshape(-1, *cls.shape[-2:])
         return cls
 
     def _to_sequences(self, patches: torch.Tensor, cls: torch.Tensor, level: str, lay: _Layout):
-        """Assemble the [P, 1 + L, C] sequences of a level from patch tokens [V, S, T, C] and cls [P, C]."""
+        """Assemble the [P, K + L, C] sequences of a level from patch tokens [V, S, T, C] and the
+        prefix tokens [P, K, C]."""
         V, S, T, C = patches.shape
         if level == "slice":
             seq = patches.reshape(V * S, T, C)
@@ -390,11 +427,12 @@ class HierarchicalViT(nn.Module):
                 seq = full.view(lay.batch, lay.slots * S * T, C)
             else:
                 seq = patches.reshape(lay.batch, lay.slots * S * T, C)
-        return torch.cat([cls[:, None, :], seq], dim=1)
+        return torch.cat([cls, seq], dim=1)
 
     def _from_sequences(self, x: torch.Tensor, level: str, lay: _Layout):
-        """Inverse of ``_to_sequences``: patches [V, S, T, C] and cls [P, C]."""
-        cls, seq = x[:, 0], x[:, 1:]
+        """Inverse of ``_to_sequences``: patches [V, S, T, C] and prefix tokens [P, K, C]."""
+        K = self.num_prefix_tokens
+        cls, seq = x[:, :K], x[:, K:]
         C = x.shape[-1]
         if level == "study":
             seq = seq.reshape(lay.batch * lay.slots, lay.slabs * lay.tokens, C)
@@ -406,7 +444,7 @@ class HierarchicalViT(nn.Module):
         if not lay.padded:
             return None
         per_slot = lay.scan_mask[:, :, None].expand(-1, -1, lay.slabs * lay.tokens).reshape(lay.batch, -1)
-        cls = per_slot.new_ones(lay.batch, 1)
+        cls = per_slot.new_ones(lay.batch, self.num_prefix_tokens)
         return torch.cat([cls, per_slot], dim=1)
 
     # -- forward ------------------------------------------------------------------------------
@@ -420,7 +458,7 @@ class HierarchicalViT(nn.Module):
                 f"{N} scans per study but the model was built for at most {self.max_scans} in training "
                 f"(max_scans); sample fewer scans per study"
             )
-        if self.sequential_posemb is None and N > 1:
+        if self.max_scans == 1 and N > 1:
             raise ValueError(f"this configuration takes single-scan studies (max_scans=1), got {N} scans per study")
         flat_mask = scan_mask.flatten()
         padded = not bool(flat_mask.all())
@@ -445,15 +483,16 @@ class HierarchicalViT(nn.Module):
         return tokens, lay
 
     def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Keep the same random subset size in every finest partition (slab or scan)."""
+        """Keep the same random subset size in every finest partition (slab or scan). Only patch
+        tokens are dropped: the prefix tokens (cls, registers) join later, in ``_to_sequences``."""
         V, S, T, C = tokens.shape
         keep = max(1, int(round(T * (1.0 - self.patch_dropout))))
         idx = torch.rand(V, S, T, device=tokens.device).argsort(dim=-1)[..., :keep]
         return tokens.gather(2, idx[..., None].expand(-1, -1, -1, C))
 
     def forward_tokens(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, _Layout]:
-        """Run all blocks. Returns (study cls [B, C] after the final norm, patch tokens [V, S, T, C]
-        after the final norm, the layout)."""
+        """Run all blocks. Returns (the study's prefix tokens [B, K, C] (K = 1 + num_registers; cls
+        first) after the final norm, patch tokens [V, S, T, C] after the final norm, the layout)."""
         return self.forward_last(self.forward_until_last(x, scan_mask))
 
     def forward_until_last(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> "LastBlockInput":
@@ -461,7 +500,8 @@ class HierarchicalViT(nn.Module):
         reads. Saliency keeps it to score new findings by re-running only the last block."""
         patches, lay = self.embed(x, scan_mask)
         level = self.levels[0]
-        cls = self.cls_token[0].expand(self._partitions(level, lay), -1).to(patches.dtype)
+        prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
+        cls = prefix.expand(self._partitions(level, lay), -1, -1).to(patches.dtype)
         seq = self._to_sequences(patches, cls, level, lay)
         study_mask = self._study_key_mask(lay)
         last = len(self.blocks) - 1
@@ -493,22 +533,39 @@ class HierarchicalViT(nn.Module):
             return checkpoint(blk, seq, mask, use_reentrant=False)
         return blk(seq, mask)
 
+    def patch_mean(self, patches: torch.Tensor, lay: _Layout) -> torch.Tensor:
+        """Mean of all patch tokens [V, S, T, C] of each study's valid scans -> [B, C]."""
+        per_scan = patches.flatten(1, 2).sum(dim=1)  # [V, C]
+        total = per_scan.new_zeros(lay.batch, per_scan.shape[-1]).index_add_(0, lay.study_of_scan, per_scan)
+        count = lay.scans_per_study * (patches.shape[1] * patches.shape[2])
+        return total / count[:, None].to(total.dtype)
+
+    def pool(self, prefix: torch.Tensor, patches: torch.Tensor, lay: _Layout, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """The study feature from ``forward_tokens``'s output: [B, C] (cls) for the token head;
+        [B, K, 2C] = [prefix token ; patch mean] for the dino.txt head (``mean`` [B, C]: the patch
+        mean if already computed)."""
+        if self.head == "token":
+            return prefix[:, 0]
+        if mean is None:
+            mean = self.patch_mean(patches, lay)
+        return torch.cat([prefix, mean[:, None].expand(-1, prefix.shape[1], -1)], dim=-1)
+
     def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, 1, D, H, W], float in [0, 1] or uint8 in [0, 255]; scan_mask: [B, N] bool
-        (True = real scan) or None. Returns [B, C]."""
-        cls, _, _ = self.forward_tokens(x, scan_mask)
-        return cls
+        (True = real scan) or None. Returns [B, C] (token head) or [B, K, 2C] (dino.txt head)."""
+        return self.pool(*self.forward_tokens(x, scan_mask))
 
 
 class VisualTower(nn.Module):
-    """Trunk + projection head, named as in open_clip's TimmModel (``trunk``, ``head.proj``)."""
+    """Trunk + projection head, named as in open_clip's TimmModel (``trunk``, ``head.proj`` of shape
+    [embed_dim, trunk.num_features]). Returns [B, E] (token head) or [B, K, E] (dino.txt head)."""
 
     def __init__(self, trunk: HierarchicalViT, embed_dim: int, proj_dropout: float = 0.0):
         super().__init__()
         self.trunk = trunk
         self.head = nn.Sequential()
         self.head.add_module("drop", nn.Dropout(proj_dropout))
-        self.head.add_module("proj", nn.Linear(trunk.width, embed_dim, bias=False))
+        self.head.add_module("proj", nn.Linear(trunk.num_features, embed_dim, bias=False))
 
     def forward(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.trunk(x, scan_mask))

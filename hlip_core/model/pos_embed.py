@@ -43,6 +43,26 @@ def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     return emb.reshape(1, d, h, w, dim)
 
 
+def sincos_depth_plane(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Spatial sin-cos table for widths a 3-way split does not fit (ViT-L's 1024): [1, d, h, w, dim],
+    the sum of a full-width 1D table over depth and a 2D table over the plane (half the channels
+    for w, half for h), the layout of the 2025-10 HLIP code. Released weights carry their own table
+    in the state dict; this only initialises models built here."""
+    if dim % 4:
+        raise ValueError(f"the depth + plane sin-cos embedding needs a width divisible by 4, got {dim}")
+    d, h, w = grid
+    depth = sincos_1d(dim, torch.arange(d, dtype=torch.float64))  # [d, dim]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    plane = torch.cat([sincos_1d(dim // 2, xx), sincos_1d(dim // 2, yy)], dim=1).reshape(h, w, dim)
+    return (depth[:, None, None, :] + plane[None]).reshape(1, d, h, w, dim)
+
+
+def spatial_table(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The spatial table a new model starts with: ``sincos_3d`` when the width divides by 6, else
+    ``sincos_depth_plane``. [1, d, h, w, dim]."""
+    return sincos_3d(dim, grid) if dim % 6 == 0 else sincos_depth_plane(dim, grid)
+
+
 def resample_spatial(table: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Resample a [1, d, h, w, C] table to another patch grid (trilinear), for other scan sizes."""
     if tuple(table.shape[1:4]) == tuple(grid):
