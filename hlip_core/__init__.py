@@ -8,6 +8,9 @@ Public API::
     hlip_core.save(model, "ckpt/");  model = hlip_core.load("ckpt/")
     model = hlip_core.load_official_checkpoint("hlip.pt", "vit_base_multiscan_h2_token1176")
 
+A released Hugging Face folder needs no name: ``hlip_core.load_official_checkpoint("hlip-2025-10-08/")``
+or ``hlip_core.load(folder)``.
+
 The model names are imported on first use, so ``import hlip_core.data`` (ingestion worker
 processes, command-line tools) does not pay for importing torch.
 """

@@ -125,10 +125,16 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu", config_n
     """Load a checkpoint folder written by ``save``. Returns the model in eval mode on ``device``.
 
     config_name: when given, the checkpoint must be of that configuration (a clear error otherwise).
+    A released Hugging Face folder (``open_clip_config.json``, no ``config.json``) is read by
+    ``released.load_released_folder``, so every tool that loads a checkpoint takes one directly.
     """
     from safetensors.torch import load_file
 
+    from .released import is_released_folder, load_released_folder
+
     folder = Path(folder)
+    if is_released_folder(folder):
+        return load_released_folder(folder, config_name=config_name, device=device)
     meta = read_config(folder)
     config = meta["config"]
     if config_name is not None and config.get("name") != config_name:
@@ -195,18 +201,30 @@ def _bert_shape_from_state(state: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def load_official_checkpoint(path: str | os.PathLike, config_name: str, text_folder: str | None = None, device: str | torch.device = "cpu") -> HLIPModel:
+def load_official_checkpoint(path: str | os.PathLike, config_name: str | None = None, text_folder: str | None = None,
+                             device: str | torch.device = "cpu") -> HLIPModel:
     """Import a released HLIP checkpoint (open_clip format) into an ``HLIPModel``.
 
-    path: the ``.pt`` file (a ``state_dict``, possibly under ``module.``, with keys
+    path: a released Hugging Face folder (``open_clip_config.json``, weights, tokenizer files; see
+    ``hlip_core.model.released``: no configuration name needed, ``config_name`` if given must match)
+    or the June-2025 ``.pt`` file (a ``state_dict``, possibly under ``module.``, with keys
     ``visual.trunk.*``, ``visual.head.proj.weight``, ``text.transformer.*``, ``text.proj.weight``,
     ``logit_scale`` and for SigLIP ``logit_bias``).
-    config_name: the published configuration it was trained with, e.g.
+    config_name: for a ``.pt`` file, the published configuration it was trained with (required), e.g.
     ``vit_base_multiscan_h2_token1176``.
     text_folder: the local Hugging Face folder of its text model (BiomedBERT, or CXR-BERT's
     tokenizer for chest CT) for the tokenizer; without it the text architecture is read off the
     checkpoint's shapes and the model has no tokenizer (images can still be embedded).
     """
+    from .released import is_released_folder, load_released_folder
+
+    if is_released_folder(path):
+        return load_released_folder(path, config_name=config_name, text_folder=text_folder, device=device)
+    if Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is a folder without open_clip_config.json: not a released HLIP folder")
+    if config_name is None:
+        raise ValueError(f"{Path(path).name} is a single weights file: give the configuration it was trained with "
+                         f"(config_name, e.g. vit_base_multiscan_h2_token1176); only released folders name their own")
     state = _official_state(path)
     overrides = {"loss": "siglip"} if "logit_bias" in state else {}
     if text_folder is not None:

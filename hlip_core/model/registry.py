@@ -53,11 +53,13 @@ def level_schedule(levels, depth: int) -> list[str]:
     return levels
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_config(base: dict, overrides: dict) -> dict:
+    """Merge ``overrides`` into the configuration ``base`` in place (nested dicts merge; a level
+    schedule is replaced whole) and return ``base``."""
     for key, value in overrides.items():
         # a level schedule is replaced whole: merging two schedules would mix their blocks
         if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "levels":
-            _merge(base[key], value)
+            merge_config(base[key], value)
         else:
             base[key] = value
     return base
@@ -78,7 +80,7 @@ def get_config(name: str, **overrides) -> dict:
         cfg["name"] = name
         cfg["description"] = "Full-attention baseline of " + base_name + ": every block attends over the whole study."
         cfg["vision"]["levels"] = ["study"] * int(cfg["vision"]["depth"])
-    cfg = _merge(cfg, copy.deepcopy(overrides))
+    cfg = merge_config(cfg, copy.deepcopy(overrides))
     cfg["vision"]["levels"] = level_schedule(cfg["vision"]["levels"], int(cfg["vision"]["depth"]))
     if cfg.get("loss", "clip") not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")

@@ -212,14 +212,14 @@ class Trainer:
         return get_config(self.cfg.config, **self.model_overrides())
 
     def _initial_model(self) -> HLIPModel:
-        """--init-from: the folder's model rebuilt with this run's overrides, then its weights (all
+        """--init-from: the folder's model (a project checkpoint or a released Hugging Face folder) rebuilt with this run's overrides, then its weights (all
         of them, checked by name and shape: a clear error, never a partial load)."""
         from ..model import load
         from ..model.checkpoint import load_state_checked
-        from ..model.registry import _merge
+        from ..model.registry import merge_config
 
         source = load(self.cfg.init_from)
-        config = _merge(copy.deepcopy(source.config), self.model_overrides())
+        config = merge_config(copy.deepcopy(source.config), self.model_overrides())
         model = HLIPModel(config, tokenizer=None)
         model.tokenizer = source.tokenizer
         load_state_checked(model, source.state_dict(), f"--init-from {self.cfg.init_from}")
