@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .eval.embedding import study_encoder
 from .eval.saliency import relevance_maps
 from .eval.zeroshot import Finding, ZeroShotClassifier, findings_from_text
 from .model import HLIPModel, autocast, load
@@ -126,13 +127,18 @@ class StudyPredictor:
     # -- embeddings and findings ----------------------------------------------------------------
 
     @torch.no_grad()
-    def embed(self, studies: PreparedStudy | Sequence[PreparedStudy]) -> np.ndarray:
-        """Normalised study embeddings [B, E] (several studies run as one padded batch)."""
+    def embed(self, studies: PreparedStudy | Sequence[PreparedStudy], embedding: str = "reports") -> np.ndarray:
+        """Normalised study embeddings [B, E] (several studies run as one padded batch).
+
+        embedding: "reports" (default; the search embedding, ``encode_study_for_reports``: the last
+        token, compared with report texts at ``report_scale()``) or "findings" (``encode_study``:
+        token 0, the one zero-shot findings and linear probes use). The same for single-token models."""
         if isinstance(studies, PreparedStudy):
             studies = [studies]
+        encode = study_encoder(self.model, embedding)
         x, mask = batch_studies(studies)
         with autocast(self.device, self.precision):
-            z = self.model.encode_study(x.to(self.device), mask.to(self.device))
+            z = encode(x.to(self.device), mask.to(self.device))
         return F.normalize(z.float(), dim=-1).cpu().numpy()
 
     def _findings(self, findings) -> list[Finding]:

@@ -22,6 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder of the embedding index")
     p.add_argument("--unit", choices=("study", "scan"), default="study",
                    help="one embedding per study, or per scan as a single-scan study (default: study)")
+    p.add_argument("--embedding", choices=("reports", "findings"), default="reports",
+                   help="which study embedding: 'reports' = the report-search one (the model's last token, "
+                        "encode_study_for_reports), 'findings' = the zero-shot one (token 0, encode_study; what "
+                        "train/evaluate.py and train/probe.py use); the same for single-token models; recorded in "
+                        "OUT/export.json (default: reports)")
     p.add_argument("--batch-size", type=int, default=4, help="studies per forward pass (default: 4)")
     p.add_argument("--chunk", type=int, default=256, help="studies per resumable chunk on disk (default: 256)")
     p.add_argument("--max-scans", type=int, default=None, help="embed at most this many scans of a study (default: all)")
@@ -46,8 +51,8 @@ def main(argv=None) -> int:
     fingerprint = f"{ckpt}:{(ckpt / 'model.safetensors').stat().st_mtime_ns}"
     index = embed_manifest(model, args.data, args.out, unit=args.unit, batch_size=args.batch_size, chunk=args.chunk,
                            device=args.device, precision=args.precision, max_scans=args.max_scans,
-                           progress=not args.quiet, fingerprint=fingerprint)
-    print(f"{len(index)} {args.unit} embeddings of width {index.embeddings.shape[1]} in {Path(args.out).resolve()}")
+                           progress=not args.quiet, fingerprint=fingerprint, embedding=args.embedding)
+    print(f"{len(index)} {args.unit} {args.embedding} embeddings of width {index.embeddings.shape[1]} in {Path(args.out).resolve()}")
     return 0
 
 

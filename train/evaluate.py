@@ -67,7 +67,8 @@ def embed_labelled(model, labels_table, data: str, index_dir: Path, args, finger
     scan_to_study = {s["scan_id"]: r["study_id"] for r in records for s in r["scans"]}
     unit = match_unit(labels_table.ids, study_ids, set(scan_to_study))
     index = embed_manifest(model, data, index_dir, unit=unit, batch_size=args.batch_size, device=args.device,
-                           precision=args.precision, progress=not args.quiet, fingerprint=fingerprint)
+                           precision=args.precision, progress=not args.quiet, fingerprint=fingerprint,
+                           embedding="findings")  # zero-shot findings: token 0
     table, rows = align(labels_table, index.ids, args.allow_missing)
     embeddings = np.stack([np.asarray(index.embeddings[r], dtype=np.float32) for r in rows]) if len(rows) else None
     groups = [scan_to_study[i] if unit == "scan" else i for i in table.ids]

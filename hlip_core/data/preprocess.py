@@ -30,6 +30,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+PRESETS = ("hlip_core", "released")
+# the released HLIP models' inference preprocessing (reference: src/hlip_test of zch0414/hlip and its
+# data/*/process.py): RPI orientation, percentiles 0.5..99.5 (CT: the HU window), uint8 / 255, no
+# smoothing; the pipeline steps themselves are in _released_plan
+RELEASED = {"target_shape": (48, 224, 224), "orientation": "RPI", "spacing": None, "ct_window": (-1150.0, 350.0),
+            "percentiles": (0.5, 99.5), "antialias": False, "storage": "uint8"}
 _WORLD = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}  # LPS world
 STORAGE = ("uint8", "float16")
 
@@ -46,6 +52,11 @@ class PreprocessSettings:
     percentiles: (low, high) intensity percentiles mapped to [0, 1] for MR and other modalities.
     antialias: Gaussian smoothing of downsampled axes before interpolation.
     storage: dtype of prepared arrays, "uint8" (0..255) or "float16".
+    preset: "hlip_core" (this project's pipeline, above) or "released" (the released HLIP models'
+        pipeline: each scan quantised to uint8 / 255, padded to a square in plane, resized
+        bilinearly to 8/7 of the grid (256 for 224) in plane and to the grid's depth by
+        nearest-exact, then the centre of the grid's size cropped; no smoothing, no spacing mode).
+        ``from_dict({"preset": "released"})`` gives the full released settings (``RELEASED``).
     """
 
     target_shape: tuple[int, int, int] = (48, 224, 224)
@@ -55,6 +66,7 @@ class PreprocessSettings:
     percentiles: tuple[float, float] = (0.5, 99.5)
     antialias: bool = True
     storage: str = "uint8"
+    preset: str = "hlip_core"
     version: int = 1
 
     def __post_init__(self):
@@ -76,6 +88,11 @@ class PreprocessSettings:
         _axes_of_code(self.orientation)  # validates
         if self.storage not in STORAGE:
             raise ValueError(f"storage must be one of {STORAGE}, got {self.storage!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.preset == "released" and (self.spacing is not None or self.antialias):
+            raise ValueError("the released preset resizes the whole field of view without smoothing: "
+                             "it takes spacing=None and antialias=False")
 
     def to_dict(self) -> dict:
         """A JSON-able dict (lists for tuples)."""
@@ -88,8 +105,11 @@ class PreprocessSettings:
     @classmethod
     def from_dict(cls, d: dict | None) -> "PreprocessSettings":
         """Settings from ``to_dict()`` output, also of older versions: missing keys take today's
-        defaults, unknown keys are logged and ignored."""
+        defaults (those of the preset named, ``RELEASED`` for "released"), unknown keys are logged
+        and ignored."""
         d = dict(d or {})
+        if d.get("preset") == "released":
+            d = {**RELEASED, **d}
         if "mri_percentiles" in d and "percentiles" not in d:
             d["percentiles"] = d.pop("mri_percentiles")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -206,14 +226,47 @@ def _forward_matrix(n_in: int, n_res: int, offset: int, n_target: int, antialias
     return out.astype(np.float32)
 
 
-def _backward_matrix(n_in: int, n_res: int, offset: int, n_target: int) -> np.ndarray:
+def _nearest_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] 0/1: torch's "nearest-exact" resize (output i reads input
+    min(floor((i + 0.5) * n_in / n_out), n_in - 1))."""
+    src = np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+    m = np.zeros((n_out, n_in), np.float64)
+    m[np.arange(n_out), src] = 1.0
+    return m
+
+
+def _released_matrix(n_in: int, pad: int, n_padded: int, n_res: int, offset: int, n_target: int, mode: str) -> np.ndarray:
+    """[n_target, n_in] of one axis of the released pipeline: zero-pad ``pad`` before (to
+    ``n_padded``), resize to n_res ("linear": bilinear, align_corners=False; "nearest-exact"),
+    take n_target from ``offset``."""
+    place = np.zeros((n_padded, n_in), np.float64)
+    place[np.arange(n_in) + pad, np.arange(n_in)] = 1.0
+    resize = _interp_matrix(n_padded, n_res) if mode == "linear" else _nearest_matrix(n_padded, n_res)
+    return (resize @ place)[offset: offset + n_target].astype(np.float32)
+
+
+def _released_plan(canon_shape: list[int], target: list[int]) -> dict:
+    """Per axis (D, H, W) of the released pipeline: pad before, padded size, resized size, crop
+    offset and resize mode. In plane: padded to the square of the longer side, resized to 8/7 of
+    the grid (224 -> 256), the centre cropped; depth: resized to the grid by nearest-exact."""
+    d, h, w = canon_shape
+    side = max(h, w)
+    res = [target[0]] + [int(round(t * 256 / 224)) for t in target[1:]]
+    return {"pad": [0, (side - h) // 2, (side - w) // 2], "padded_shape": [d, side, side], "resampled_shape": res,
+            "offset": [0] + [(r - t) // 2 for r, t in zip(res[1:], target[1:])],
+            "modes": ["nearest-exact", "linear", "linear"]}
+
+
+def _backward_matrix(n_in: int, n_res: int, offset: int, n_target: int, pad: int = 0, n_padded: int | None = None) -> np.ndarray:
     """[n_in, n_target]: a model-grid profile placed at ``offset`` of the n_res grid (zeros
-    elsewhere), then resized back to n_in."""
+    elsewhere), resized back to the padded axis (n_padded, default n_in) and the ``pad`` voxels
+    added before the scan taken off again."""
+    n_padded = n_in if n_padded is None else n_padded
     embed = np.zeros((n_res, n_target), np.float64)
     for m in range(n_target):
         if 0 <= m + offset < n_res:
             embed[m + offset, m] = 1.0
-    return (_interp_matrix(n_res, n_in) @ embed).astype(np.float32)
+    return (_interp_matrix(n_res, n_padded) @ embed)[pad: pad + n_in].astype(np.float32)
 
 
 def _apply_separable(arr: np.ndarray, mats: list[np.ndarray]) -> np.ndarray:
@@ -263,14 +316,22 @@ def to_model_space(image, modality: str, settings: PreprocessSettings) -> tuple[
     arr = _to_canonical(sitk.GetArrayViewFromImage(image), source_of, flips)
     arr, value_range = _normalise(arr, modality, settings)
     canon_shape = list(arr.shape)  # [D, H, W]
-    canon_spacing = [geo["spacing"][source_of[2 - n]] for n in range(3)]  # mm along D, H, W
     target = list(settings.target_shape)
-    if settings.spacing is None:
-        resampled = target
+    if settings.preset == "released":
+        arr = np.rint(arr * np.float32(255.0)) * np.float32(1.0 / 255.0)  # the released models read uint8 / 255
+        plan = _released_plan(canon_shape, target)
+        resampled, offset, pad, padded = plan["resampled_shape"], plan["offset"], plan["pad"], plan["padded_shape"]
+        mats = [_released_matrix(canon_shape[a], pad[a], padded[a], resampled[a], offset[a], target[a], plan["modes"][a])
+                for a in range(3)]
     else:
-        resampled = [max(1, int(round(n * s / t))) for n, s, t in zip(canon_shape, canon_spacing, settings.spacing)]
-    offset = [(r - t) // 2 for r, t in zip(resampled, target)]
-    mats = [_forward_matrix(canon_shape[a], resampled[a], offset[a], target[a], settings.antialias) for a in range(3)]
+        canon_spacing = [geo["spacing"][source_of[2 - n]] for n in range(3)]  # mm along D, H, W
+        if settings.spacing is None:
+            resampled = target
+        else:
+            resampled = [max(1, int(round(n * s / t))) for n, s, t in zip(canon_shape, canon_spacing, settings.spacing)]
+        offset = [(r - t) // 2 for r, t in zip(resampled, target)]
+        pad, padded = [0, 0, 0], canon_shape
+        mats = [_forward_matrix(canon_shape[a], resampled[a], offset[a], target[a], settings.antialias) for a in range(3)]
     arr = _apply_separable(arr, mats)
     np.clip(arr, 0.0, 1.0, out=arr)
     transform = {
@@ -278,20 +339,25 @@ def to_model_space(image, modality: str, settings: PreprocessSettings) -> tuple[
         **geo,
         "modality": modality,
         "orientation": settings.orientation,
+        "preset": settings.preset,
         "source_of": source_of,
         "flips": flips,
         "canonical_shape": canon_shape,
+        "pad": pad,
+        "padded_shape": list(padded),
         "resampled_shape": resampled,
         "offset": offset,
         "target_shape": target,
         "value_range": value_range,
-        "model_geometry": _model_geometry(geo, source_of, flips, canon_shape, resampled, offset),
+        "model_geometry": _model_geometry(geo, source_of, flips, padded, resampled, offset, pad),
     }
     return arr.astype(np.float32, copy=False), transform
 
 
-def _model_geometry(geo: dict, source_of, flips, canon_shape, resampled, offset) -> dict:
-    """Origin/spacing/direction of the model grid as an image (for overlays and checks)."""
+def _model_geometry(geo: dict, source_of, flips, canon_shape, resampled, offset, pad=(0, 0, 0)) -> dict:
+    """Origin/spacing/direction of the model grid as an image (for overlays and checks).
+    canon_shape: the (padded) canonical shape that was resized to ``resampled``; ``pad`` voxels
+    were added before the scan on each axis (D, H, W)."""
     m = np.asarray(geo["direction"]).reshape(3, 3)
     spacing = np.asarray(geo["spacing"])
     size = np.asarray(geo["size"])
@@ -307,7 +373,7 @@ def _model_geometry(geo: dict, source_of, flips, canon_shape, resampled, offset)
         sp[t] = spacing[s] * canon_shape[n] / resampled[n]
     origin_canon = np.asarray(geo["origin"]) + m @ (spacing * start)
     # model voxel 0 sits at canonical continuous index (offset + 0.5) * factor - 0.5
-    first = np.array([(offset[2 - t] + 0.5) * canon_shape[2 - t] / resampled[2 - t] - 0.5 for t in range(3)])
+    first = np.array([(offset[2 - t] + 0.5) * canon_shape[2 - t] / resampled[2 - t] - 0.5 - pad[2 - t] for t in range(3)])
     canon_sp = np.array([spacing[source_of[t]] for t in range(3)])
     origin = origin_canon + dirs @ (first * canon_sp)
     return {"origin": origin.tolist(), "spacing": sp.tolist(), "direction": dirs.reshape(-1).tolist()}
@@ -339,7 +405,8 @@ def to_scan_space(model_map: np.ndarray, transform: dict):
     if list(model_map.shape) != list(transform["target_shape"]):
         raise ValueError(f"the map is {list(model_map.shape)} but this scan's model grid is {transform['target_shape']}")
     resampled, offset, canon_shape = transform["resampled_shape"], transform["offset"], transform["canonical_shape"]
-    mats = [_backward_matrix(canon_shape[a], resampled[a], offset[a], model_map.shape[a]) for a in range(3)]
+    pad, padded = transform.get("pad", [0, 0, 0]), transform.get("padded_shape", canon_shape)  # older transforms: no padding
+    mats = [_backward_matrix(canon_shape[a], resampled[a], offset[a], model_map.shape[a], pad[a], padded[a]) for a in range(3)]
     canon = _apply_separable(model_map, mats)
     arr = _from_canonical(canon, transform["source_of"], transform["flips"])
     out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))

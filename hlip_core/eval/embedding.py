@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 
 PARTS = "parts"
 STATE = "export.json"
+# which study embedding: "findings" = token 0 (``encode_study``: zero-shot findings, linear probes),
+# "reports" = the last token (``encode_study_for_reports``: report search, study->report retrieval)
+EMBEDDINGS = ("reports", "findings")
+
+
+def study_encoder(model, embedding: str) -> Callable:
+    """The model's encode function for an embedding kind: ``encode_study`` for "findings",
+    ``encode_study_for_reports`` for "reports"; each maps (x [B, N, 1, D, H, W], scan_mask [B, N])
+    to [B, E]. Raises ValueError naming the kinds for anything else."""
+    if embedding == "findings":
+        return model.encode_study
+    if embedding == "reports":
+        return model.encode_study_for_reports
+    raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
 
 
 @dataclass
@@ -87,8 +101,11 @@ def collate(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def embed_items(model, items: Sequence[Item], batch_size: int = 4, device: str | torch.device = "cpu", precision: str = "fp32",
-                max_scans: int | None = None, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """L2-normalised study embeddings [len(items), E] float32, in item order."""
+                max_scans: int | None = None, on_batch: Callable[[int], None] | None = None,
+                embedding: str = "findings") -> np.ndarray:
+    """L2-normalised study embeddings [len(items), E] float32, in item order; ``embedding`` picks
+    the token ("findings" = token 0, "reports" = the last; see ``study_encoder``)."""
+    encode = study_encoder(model, embedding)
     model.eval()
     device = torch.device(device)
     out = []
@@ -96,7 +113,7 @@ def embed_items(model, items: Sequence[Item], batch_size: int = 4, device: str |
         batch = items[start : start + batch_size]
         x, mask = collate([item_tensor(it, max_scans) for it in batch])
         with autocast(device, precision):
-            z = model.encode_study(x.to(device), mask.to(device))
+            z = encode(x.to(device), mask.to(device))
         out.append(F.normalize(z.float(), dim=-1).cpu().numpy())
         if on_batch:
             on_batch(len(batch))
@@ -113,16 +130,19 @@ def _atomic_npz(path: Path, **arrays) -> None:
 
 def embed_manifest(model, manifest, out, unit: str = "study", batch_size: int = 4, chunk: int = 256,
                    device: str | torch.device = "cpu", precision: str = "fp32", max_scans: int | None = None,
-                   progress: bool = True, fingerprint: str = "") -> EmbeddingIndex:
+                   progress: bool = True, fingerprint: str = "", embedding: str = "findings") -> EmbeddingIndex:
     """Embed every item of ``manifest`` into an EmbeddingIndex folder ``out``, resumably.
 
     Chunks of ``chunk`` items are written as they finish; a later call with the same arguments
     skips the finished chunks. ``fingerprint`` (e.g. the checkpoint's path and mtime) is stored and
-    must match on resume, so that embeddings of two models are never mixed.
+    must match on resume, so that embeddings of two models are never mixed. ``embedding``
+    ("findings": token 0, for zero-shot evaluation and probes; "reports": the last token, for report
+    search) is recorded in OUT/export.json and must match too.
     Returns the loaded index (ids = study ids, or scan ids with ``unit="scan"``).
     """
     from tqdm import tqdm
 
+    study_encoder(model, embedding)  # checks the name before any work
     items = manifest_items(manifest, unit)
     if not items:
         raise ValueError(f"manifest {manifest_path(manifest)} holds no studies")
@@ -130,7 +150,7 @@ def embed_manifest(model, manifest, out, unit: str = "study", batch_size: int = 
     parts = out / PARTS
     parts.mkdir(parents=True, exist_ok=True)
     state = {"manifest": str(manifest_path(manifest).resolve()), "unit": unit, "items": len(items), "chunk": chunk,
-             "max_scans": max_scans, "fingerprint": fingerprint}
+             "max_scans": max_scans, "fingerprint": fingerprint, "embedding": embedding}
     state_file = out / STATE
     if state_file.is_file():
         old = json.loads(state_file.read_text())
@@ -150,7 +170,7 @@ def embed_manifest(model, manifest, out, unit: str = "study", batch_size: int = 
         path = parts / f"{k:06d}.npz"
         if path.is_file():
             continue
-        emb = embed_items(model, part, batch_size, device, precision, max_scans, on_batch=bar.update)
+        emb = embed_items(model, part, batch_size, device, precision, max_scans, on_batch=bar.update, embedding=embedding)
         _atomic_npz(path, embeddings=emb, ids=np.array([it.item_id for it in part]))
     bar.close()
     embeddings, ids = [], []

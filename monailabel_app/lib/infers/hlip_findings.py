@@ -98,8 +98,9 @@ class HLIPFindings(InferTask):
         return Study(study.study_id, scans=scans, skipped=[s for part in loaded for s in part.skipped])
 
     def embed(self, study, files_of) -> np.ndarray:
-        """The study's normalised embedding [E] for the search index."""
-        return self.predictor.embed(self.prepare(study, files_of))[0]
+        """The study's normalised report embedding [E] for the search index (the model's last token,
+        ``encode_study_for_reports``: search texts are compared with it, as reports were in training)."""
+        return self.predictor.embed(self.prepare(study, files_of), embedding="reports")[0]
 
     def predict(self, study, files_of, findings: list[str], heatmaps: bool) -> Tuple[dict, list]:
         """JSON answer and, with heat maps, [(part name, NIfTI .nii.gz bytes)] in finding order.
