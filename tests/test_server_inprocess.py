@@ -171,8 +171,8 @@ def test_heat_maps_come_as_nifti_parts_in_the_driving_scans_geometry(server, tmp
     r = infer(server["client"], "nifti1", {"findings": FINDINGS, "heatmaps": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/form-data")
     parts = parse_multipart(r.headers["content-type"], r.content)
-    assert list(parts) == ["result", "heatmap_0", "heatmap_1"]
-    result = json.loads(parts["result"][2])
+    assert list(parts) == ["params", "heatmap_0", "heatmap_1"]
+    result = json.loads(parts["params"][2])
     for j, finding in enumerate(result["findings"]):
         name = finding["heatmap"]
         assert name == f"heatmap_{j}" and parts[name][0] == f"{name}.nii.gz"
@@ -192,7 +192,7 @@ def test_a_dicom_volume_downloads_in_the_geometry_of_its_heat_map(server, tmp_pa
     assert image.GetSize()[2] == 12
     r = infer(client, "dicom1", {"findings": ["mass effect"], "heatmaps": True})
     parts = parse_multipart(r.headers["content-type"], r.content)
-    finding = json.loads(parts["result"][2])["findings"][0]
+    finding = json.loads(parts["params"][2])["findings"][0]
     driving = client.get("/datastore/image", params={"image": finding["image_id"]})
     assert same_geometry(read_nifti_bytes(parts["heatmap_0"][2], tmp_path), read_nifti_bytes(driving.content, tmp_path, "d.nii.gz"))
     assert client.head("/datastore/image", params={"image": "1.2.826.0.1.7.1.1"}).status_code == 200

@@ -329,9 +329,9 @@ def test_the_multipart_answer_reads_with_the_standard_library():
 
     body, content_type = multipart({"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}, [("heatmap_0", b"\x1f\x8b\x00\xff\r\n--")])
     parts = parse_multipart(content_type, body)
-    assert list(parts) == ["result", "heatmap_0"]
-    assert json.loads(parts["result"][2]) == {"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}
-    assert parts["result"][1] == "application/json"
+    assert list(parts) == ["params", "heatmap_0"]
+    assert json.loads(parts["params"][2]) == {"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}
+    assert parts["params"][1] == "application/json"
     assert parts["heatmap_0"][0] == "heatmap_0.nii.gz" and parts["heatmap_0"][2] == b"\x1f\x8b\x00\xff\r\n--"
 
 
