@@ -404,7 +404,7 @@ ERRORS = [
     ("post", "/infer/hlip_findings?image=nifti1", _form("{not json"), 400, "params is not valid JSON"),
     ("post", "/infer/hlip_findings?image=nifti1", _form("[1, 2]"), 400, "params must be a JSON object"),
     ("post", "/infer/hlip_findings?image=nifti1&output=image", {}, 400, "output='image' is not offered"),
-    ("post", "/infer/hlip_findings?image=nifti1", {"files": {"file": ("a.nii.gz", b"x")}}, 400, "PUT /session/"),
+    ("post", "/infer/hlip_findings?image=nifti1", {"files": {"file": ("a.nii.gz", b"x")}}, 400, "uploaded file 'a.nii.gz' is not a readable NIfTI"),
     ("post", "/infer/hlip_findings?image=nifti1", {"content": b"findings", "headers": {"content-type": "text/plain"}}, 415, "not as text/plain"),
     ("post", "/infer/hlip_findings?image=reportonly", _form('{"findings": ["a"]}'), 422, "no usable scan"),
     ("get", "/hlip/search?text=", {}, 400, "the search text is empty"),
