@@ -99,7 +99,7 @@ def bare_round_trip(url: str, files: list, findings: list) -> dict:
         return parts[headers.name]
 
     read_multipart(io.BytesIO(answer).read, boundary_of(response.headers["Content-Type"]), open_part, lambda h, s: None)
-    server_ms = float(json.loads(parts["result"].getvalue())["elapsed_ms"])
+    server_ms = float(json.loads(parts["params"].getvalue())["elapsed_ms"])
     return {"seconds": seconds, "server_ms": server_ms, "bytes": len(answer)}
 
 

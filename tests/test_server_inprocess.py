@@ -171,17 +171,45 @@ def test_heat_maps_come_as_nifti_parts_in_the_driving_scans_geometry(server, tmp
     r = infer(server["client"], "nifti1", {"findings": FINDINGS, "heatmaps": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/form-data")
     parts = parse_multipart(r.headers["content-type"], r.content)
-    assert list(parts) == ["result", "heatmap_0", "heatmap_1"]
-    result = json.loads(parts["result"][2])
+    assert list(parts) == ["params", "heatmap_0", "heatmap_1"]
+    result = json.loads(parts["params"][2])
     for j, finding in enumerate(result["findings"]):
         name = finding["heatmap"]
         assert name == f"heatmap_{j}" and parts[name][0] == f"{name}.nii.gz"
         heatmap = read_nifti_bytes(parts[name][2], tmp_path, f"{name}.nii.gz")
-        assert heatmap.GetPixelID() == sitk.sitkFloat32
+        assert heatmap.GetPixelID() == sitk.sitkFloat32  # stored as uint8 codes with the NIfTI scale, read back as floats
         scan = sitk.ReadImage(str(server["studies"] / "nifti1" / (finding["image_id"].split("__")[1] + ".nii.gz")))
         assert same_geometry(heatmap, scan)
         values = sitk.GetArrayFromImage(heatmap)
         assert np.isfinite(values).all() and values.max() > 0
+
+
+def test_heat_maps_are_uint8_with_a_scale_and_read_back_within_the_quantisation(server, tmp_path):
+    import nibabel as nib
+    import SimpleITK as sitk
+    from monailabel_app.lib.worker import INTERACTIVE
+
+    service = server["service"]
+    r = infer(server["client"], "nifti1", {"findings": FINDINGS, "heatmaps": True})
+    parts = parse_multipart(r.headers["content-type"], r.content)
+    rows = json.loads(parts["params"][2])["findings"]
+    assert sorted(parts) == sorted(["params"] + [row["heatmap"] for row in rows])  # one map per finding: the driving scan's
+    study = service.resolve("nifti1")  # the same model's float maps, computed on the worker as the server does
+    task = service.task
+    floats = service.worker.submit(lambda: task.predictor.predict(task.prepare(study, service.files_of), FINDINGS, heatmaps=True),
+                                   INTERACTIVE).result(timeout=60)
+    for row in rows:
+        data = parts[row["heatmap"]][2]
+        assert data[:2] == b"\x1f\x8b"  # gzip
+        path = tmp_path / f"{row['heatmap']}.nii.gz"
+        path.write_bytes(data)
+        stored = nib.load(str(path))
+        assert stored.get_data_dtype() == np.uint8
+        reference = sitk.GetArrayFromImage(floats.heatmaps[row["finding"]])
+        step = (reference.max() - reference.min()) / 255
+        assert stored.dataobj.slope == pytest.approx(step, rel=1e-5)  # nibabel moves scl_slope to the array proxy
+        for values in (sitk.GetArrayFromImage(sitk.ReadImage(str(path))), np.asarray(stored.dataobj).transpose(2, 1, 0)):
+            assert np.abs(values - reference).max() <= step / 2 * 1.001 + 1e-7  # ITK (3D Slicer) and nibabel alike
 
 
 def test_a_dicom_volume_downloads_in_the_geometry_of_its_heat_map(server, tmp_path):
@@ -192,7 +220,7 @@ def test_a_dicom_volume_downloads_in_the_geometry_of_its_heat_map(server, tmp_pa
     assert image.GetSize()[2] == 12
     r = infer(client, "dicom1", {"findings": ["mass effect"], "heatmaps": True})
     parts = parse_multipart(r.headers["content-type"], r.content)
-    finding = json.loads(parts["result"][2])["findings"][0]
+    finding = json.loads(parts["params"][2])["findings"][0]
     driving = client.get("/datastore/image", params={"image": finding["image_id"]})
     assert same_geometry(read_nifti_bytes(parts["heatmap_0"][2], tmp_path), read_nifti_bytes(driving.content, tmp_path, "d.nii.gz"))
     assert client.head("/datastore/image", params={"image": "1.2.826.0.1.7.1.1"}).status_code == 200
@@ -376,7 +404,7 @@ ERRORS = [
     ("post", "/infer/hlip_findings?image=nifti1", _form("{not json"), 400, "params is not valid JSON"),
     ("post", "/infer/hlip_findings?image=nifti1", _form("[1, 2]"), 400, "params must be a JSON object"),
     ("post", "/infer/hlip_findings?image=nifti1&output=image", {}, 400, "output='image' is not offered"),
-    ("post", "/infer/hlip_findings?image=nifti1", {"files": {"file": ("a.nii.gz", b"x")}}, 400, "PUT /session/"),
+    ("post", "/infer/hlip_findings?image=nifti1", {"files": {"file": ("a.nii.gz", b"x")}}, 400, "uploaded file 'a.nii.gz' is not a readable NIfTI"),
     ("post", "/infer/hlip_findings?image=nifti1", {"content": b"findings", "headers": {"content-type": "text/plain"}}, 415, "not as text/plain"),
     ("post", "/infer/hlip_findings?image=reportonly", _form('{"findings": ["a"]}'), 422, "no usable scan"),
     ("get", "/hlip/search?text=", {}, 400, "the search text is empty"),

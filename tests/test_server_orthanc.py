@@ -78,7 +78,7 @@ def test_findings_and_heat_maps_for_a_pacs_study(pacs, tmp_path):
                       files={"params": (None, json.dumps({"findings": ["brain atrophy", "hydrocephalus"], "heatmaps": True}))}, timeout=120)
     assert r.status_code == 200, r.text
     parts = parse_multipart(r.headers["Content-Type"], r.content)
-    result = json.loads(parts["result"][2])
+    result = json.loads(parts["params"][2])
     volume = requests.get(f"{server}/datastore/image", params={"image": pacs["real_series"]}, timeout=120)
     assert volume.status_code == 200
     series_image = read_nifti_bytes(volume.content, tmp_path, "series.nii.gz")

@@ -57,7 +57,7 @@ def test_findings_with_heat_maps_over_http(server, setup, tmp_path):
                       files={"params": (None, json.dumps({"findings": ["mass effect", "midline shift"], "heatmaps": True}))}, timeout=60)
     assert r.status_code == 200, r.text
     parts = parse_multipart(r.headers["Content-Type"], r.content)
-    result = json.loads(parts["result"][2])
+    result = json.loads(parts["params"][2])
     assert result["study_id"] == "study1" and [f["finding"] for f in result["findings"]] == ["mass effect", "midline shift"]
     for f in result["findings"]:
         heatmap = read_nifti_bytes(parts[f["heatmap"]][2], tmp_path, f["heatmap"] + ".nii.gz")
@@ -69,6 +69,75 @@ def test_findings_with_heat_maps_over_http(server, setup, tmp_path):
     volume = requests.get(f"{base}/datastore/image", params={"image": "1.2.826.0.1.8.1"}, timeout=60)
     assert volume.status_code == 200
     assert same_geometry(read_nifti_bytes(parts["heatmap_0"][2], tmp_path), read_nifti_bytes(volume.content, tmp_path, "v.nii.gz"))
+
+
+
+# -- MONAI Label's own client (monailabel.client.MONAILabelClient, what its Slicer and OHIF plug-ins use) --
+
+
+def monai_client(base, tmp_path):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(base, tmpdir=str(tmp_path), client_id="test-client")
+
+
+def test_monai_labels_client_reads_info_and_the_datastore(server, setup, tmp_path):
+    client = monai_client(server[0], tmp_path)
+    info = client.info()
+    config = info["models"]["hlip_findings"]["config"]
+    assert config["heatmap_format"] == ["parts", "zip"] and config["heatmap_scans"] == ["driving", "all"]
+    datastore = client.datastore()
+    objects = datastore["objects"]  # MONAI Label's format: one object per image, with its image info and labels
+    assert len(objects) == 3 * 2 + 1 and all(set(o) == {"image", "labels"} for o in objects.values())
+    assert sorted(datastore["studies"]) == ["dicomstudy", "study0", "study1", "study2"]
+    for study, scans in datastore["studies"].items():  # the study grouping names the same images
+        assert all(objects[sc["image_id"]]["image"]["info"]["study_id"] == study for sc in scans)
+    assert objects["1.2.826.0.1.8.1"]["image"]["info"]["description"] == "FLAIR"
+
+
+def test_monai_labels_client_asks_findings_without_and_with_heat_maps(server, setup, tmp_path):
+    import zipfile
+
+    import SimpleITK as sitk
+
+    client = monai_client(server[0], tmp_path)
+    out, answer = client.infer("hlip_findings", "study1", {"findings": ["mass effect"]})
+    assert out is None and json.loads(answer)["findings"][0]["finding"] == "mass effect"  # its client hands a JSON answer back as bytes
+    findings = ["mass effect", "midline shift", "edema"]
+    out, answer = client.infer("hlip_findings", "study1", {"findings": findings, "heatmaps": True})
+    assert answer["heatmap_file"] == "heatmaps.zip" and out.endswith("heatmaps.zip")  # the JSON part 'params' reached it
+    with zipfile.ZipFile(out) as z:
+        assert sorted(z.namelist()) == sorted(f"{r['heatmap']}.nii.gz" for r in answer["findings"])
+        for row in answer["findings"]:  # every finding's map, each on its driving scan
+            (tmp_path / "m.nii.gz").write_bytes(z.read(f"{row['heatmap']}.nii.gz"))
+            scan = sitk.ReadImage(str(setup["studies"] / "study1" / (row["image_id"].split("__")[1] + ".nii.gz")))
+            assert same_geometry(sitk.ReadImage(str(tmp_path / "m.nii.gz")), scan)
+    out, answer = client.infer("hlip_findings", "study1", {"findings": findings, "heatmaps": True, "heatmap_scans": "all"})
+    with zipfile.ZipFile(out) as z:  # asked for: every scan's map, the driving scan's named by 'heatmap' too
+        assert len(z.namelist()) == len(findings) * 2  # study1 has 2 scans
+        for row in answer["findings"]:
+            assert sorted(row["heatmaps"]) == ["scan0", "scan1"] and row["heatmaps"][row["scan_id"]] == row["heatmap"]
+            assert {f"{n}.nii.gz" for n in row["heatmaps"].values()} <= set(z.namelist())
+
+
+def test_monai_labels_client_sends_a_volume_with_the_request_and_uses_sessions(server, setup, tmp_path):
+    from monailabel.client.client import MONAILabelClientException
+
+    client = monai_client(server[0], tmp_path)
+    volume = str(setup["studies"] / "study2" / "scan0.nii.gz")
+    _, answer = client.infer("hlip_findings", "", {"findings": ["mass effect"]}, file=volume)
+    by_file = json.loads(answer)
+    assert by_file["findings"][0]["finding"] == "mass effect" and [s["scan_id"] for s in by_file["scans"]] == ["scan0"]
+    session = client.create_session(volume)
+    assert client.get_session(session["session_id"])["name"] == session["session_id"]
+    _, answer = client.infer("hlip_findings", "", {"findings": ["mass effect"]}, session_id=session["session_id"])
+    assert json.loads(answer)["findings"][0]["probability"] == pytest.approx(by_file["findings"][0]["probability"], abs=1e-6)
+    client.remove_session(session["session_id"])
+    with pytest.raises(MONAILabelClientException, match="404"):
+        client.get_session(session["session_id"])
+    (tmp_path / "notes.txt").write_text("not a volume")
+    with pytest.raises(MONAILabelClientException, match="neither DICOM nor a NIfTI"):
+        client.infer("hlip_findings", "", {"findings": ["mass effect"]}, file=str(tmp_path / "notes.txt"))
 
 
 def test_search_finds_every_study(server):

@@ -329,9 +329,9 @@ def test_the_multipart_answer_reads_with_the_standard_library():
 
     body, content_type = multipart({"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}, [("heatmap_0", b"\x1f\x8b\x00\xff\r\n--")])
     parts = parse_multipart(content_type, body)
-    assert list(parts) == ["result", "heatmap_0"]
-    assert json.loads(parts["result"][2]) == {"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}
-    assert parts["result"][1] == "application/json"
+    assert list(parts) == ["params", "heatmap_0"]
+    assert json.loads(parts["params"][2]) == {"study_id": "s", "findings": [{"heatmap": "heatmap_0"}]}
+    assert parts["params"][1] == "application/json"
     assert parts["heatmap_0"][0] == "heatmap_0.nii.gz" and parts["heatmap_0"][2] == b"\x1f\x8b\x00\xff\r\n--"
 
 
@@ -408,3 +408,54 @@ def test_a_series_first_seen_half_received_is_downloaded_again_when_the_pacs_has
     assert len(files) == 10 and downloads == [4, 10]
     assert len(store.study_files(study(""))) == 10 and downloads == [4, 10]  # no count from the PACS: the files kept
     assert not [p for p in (tmp_path / "series").iterdir() if p.name.startswith(".")]  # no download left half-written
+
+
+def test_the_zipped_multipart_answer_holds_every_map_in_one_file():
+    import io
+    import zipfile
+
+    from monailabel_app.lib.service import multipart
+
+    maps = [("heatmap_0", b"first"), ("heatmap_1", b"second")]
+    body, content_type = multipart({"findings": [{"heatmap": "heatmap_0"}, {"heatmap": "heatmap_1"}]}, maps, zipped=True)
+    parts = parse_multipart(content_type, body)
+    assert list(parts) == ["params", "heatmaps.zip"] and parts["heatmaps.zip"][0] == "heatmaps.zip"
+    assert json.loads(parts["params"][2])["heatmap_file"] == "heatmaps.zip"
+    with zipfile.ZipFile(io.BytesIO(parts["heatmaps.zip"][2])) as z:
+        assert {n: z.read(n) for n in z.namelist()} == {"heatmap_0.nii.gz": b"first", "heatmap_1.nii.gz": b"second"}
+
+
+def test_a_heat_map_is_quantised_to_uint8_and_refused_when_not_finite(tmp_path):
+    import SimpleITK as sitk
+
+    from monailabel_app.lib.infers.hlip_findings import quantised_nifti
+
+    values = np.random.default_rng(3).random((6, 7, 8)).astype(np.float32) * 0.4 + 0.1
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.5, 1.5, 3.0))
+    image.SetOrigin((1.0, -2.0, 7.5))
+    for source, expected in ((values, values), (np.full_like(values, 0.25), np.full_like(values, 0.25))):
+        one = sitk.GetImageFromArray(source)
+        one.CopyInformation(image)
+        (tmp_path / "m.nii.gz").write_bytes(quantised_nifti(one, tmp_path))
+        back = sitk.ReadImage(str(tmp_path / "m.nii.gz"))
+        step = max(float(source.max() - source.min()) / 255, 1e-7)
+        assert np.abs(sitk.GetArrayFromImage(back) - expected).max() <= step / 2 * 1.001
+        assert back.GetSpacing() == image.GetSpacing() and back.GetOrigin() == image.GetOrigin()
+    assert sorted(os.listdir(tmp_path)) == ["m.nii.gz"]  # SimpleITK's file is gone
+    values[2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        quantised_nifti(sitk.GetImageFromArray(values), tmp_path)
+
+
+@pytest.mark.parametrize("params, words", [({"heatmap_format": "tar"}, "heatmap_format must be one of parts, zip"),
+                                           ({"heatmap_scans": "some"}, "heatmap_scans must be one of driving, all")])
+def test_unknown_heat_map_options_are_refused_by_name(params, words):
+    from fastapi import HTTPException
+
+    from monailabel_app.lib.service import HLIPService
+
+    service = HLIPService(None, None, None, None, None, None)
+    assert service.heatmap_options({}) == ("parts", False) and service.heatmap_options({"client_id": None}) == ("zip", False)
+    with pytest.raises(HTTPException, match=words):
+        service.heatmap_options(params)

@@ -60,17 +60,20 @@ def hlip():
 # -- findings ---------------------------------------------------------------------------------------
 
 
-async def read_params(request: Request) -> dict:
-    """``params`` as a multipart/urlencoded form field (MONAI Label's way) or as a JSON body."""
+async def read_params(request: Request) -> tuple[dict, object]:
+    """(``params``, the uploaded ``file`` or None): params as a multipart/urlencoded form field
+    (MONAI Label's way) or as a JSON body; ``file`` a volume sent with the request (MONAI Label's
+    ``infer(file=...)``), to be scored as a study of that one scan."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw = "{}"
+    raw, upload = "{}", None
     if ctype == "application/json":
         body = await request.body()
         raw = body.decode("utf-8", "replace") if body.strip() else "{}"
     elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
-        if form.get("file") is not None:
-            raise HTTPException(status_code=400, detail="hlip_findings takes a whole study: upload its volumes with PUT /session/ and pass session_id=<id>")
+        upload = form.get("file")
+        if upload is not None and isinstance(upload, str):
+            raise HTTPException(status_code=400, detail="the 'file' field must be a volume file (NIfTI/NRRD/MHA or DICOM), not text")
         value = form.get("params")
         if value is not None:
             raw = value if isinstance(value, str) else (await value.read()).decode("utf-8", "replace")
@@ -82,7 +85,7 @@ async def read_params(request: Request) -> dict:
     params = parse_json(raw, "params")
     if not isinstance(params, dict):
         raise HTTPException(status_code=400, detail="params must be a JSON object, e.g. {\"findings\": [\"midline shift\"], \"heatmaps\": true}")
-    return params
+    return params, upload
 
 
 MAX_JSON_CHARS = 1 << 20
@@ -143,21 +146,38 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
         raise HTTPException(status_code=404, detail=f"no such model; this server has: {', '.join(infers)}")
     if output not in ("", "json", "all"):
         raise HTTPException(status_code=400, detail=f"output={output!r} is not offered by {model}: it answers JSON (and multipart with heat maps)")
-    if bool(image) == bool(session_id):
-        raise HTTPException(status_code=400, detail="give exactly one of image=<image or study id> or session_id=<upload session id>")
-    params = await read_params(request)
+    params, upload = await read_params(request)
+    if upload is not None and session_id:
+        raise HTTPException(status_code=400, detail="give either the 'file' upload or session_id=<upload session id>, not both")
+    if upload is None and bool(image) == bool(session_id):
+        raise HTTPException(status_code=400, detail="give exactly one of image=<image or study id>, session_id=<upload session id> "
+                                                    "or a volume as the multipart field 'file'")
     findings = service.findings_names(params)
     heatmaps = service.want_heatmaps(params)
+    heatmap_format, all_scans = service.heatmap_options(params)
+    if upload is not None:  # MONAI Label's infer(file=...): a study of this one scan, in a session removed after the answer
+        stored = await run_in_threadpool(_store_session, [upload], None, False, 0)
+        file_session = stored["session_id"]
+        try:
+            return await _answer(service, await run_in_threadpool(service.session_study, file_session), findings, heatmaps,
+                                 heatmap_format, all_scans, start, "file")
+        finally:
+            await run_in_threadpool(service.sessions.remove_session, file_session)
     if image:  # a study the catalog knows is found at once; otherwise the datastore is asked (blocking I/O) off the loop
         study = service.known(image) or await run_in_threadpool(service.resolve, image)
     else:
         study = await run_in_threadpool(service.session_study, session_id)
+    return await _answer(service, study, findings, heatmaps, heatmap_format, all_scans, start, "image" if image else "session")
+
+
+async def _answer(service, study, findings: list[str], heatmaps: bool, heatmap_format: str, all_scans: bool, start: float, what: str):
+    """The findings answer for ``study``: from memory when cached, else computed on the worker."""
     if not heatmaps:
         cached = service.task.cached(study, findings)
         if cached is not None:
             cached["elapsed_ms"] = round(1000 * (time.perf_counter() - start), 1)
             return JSONResponse(cached)
-    future = service.submit_findings(study, findings, heatmaps, start)
+    future = service.submit_findings(study, findings, heatmaps, start, heatmap_format, all_scans)
     try:
         answer = await asyncio.wait_for(asyncio.wrap_future(future), settings.MONAI_LABEL_INFER_TIMEOUT)
     except asyncio.TimeoutError:
@@ -167,8 +187,7 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
     except ValueError as e:  # NoUsableScanError: the study's series cannot be used (the reasons are in the message)
         raise HTTPException(status_code=422, detail=str(e)) from None
     except FileNotFoundError:  # deleted from the studies folder (or the session expired) since it was listed
-        raise HTTPException(status_code=404, detail=f"files of this {'image' if image else 'session'} "
-                                                    "are gone from the datastore; list the studies again") from None
+        raise HTTPException(status_code=404, detail=f"files of this {what} are gone from the datastore; list the studies again") from None
     return send_body(*answer) if heatmaps else JSONResponse(answer)
 
 

@@ -127,19 +127,36 @@ class HLIPService:
             raise HTTPException(status_code=400, detail="heat maps are switched off on this server (--conf heatmaps false); ask with \"heatmaps\": false")
         return value
 
-    def submit_findings(self, study: StudyEntry, findings: list[str], heatmaps: bool, started: float):
+    def heatmap_options(self, params: dict) -> tuple[str, bool]:
+        """(format, all scans) of the heat maps asked: ``heatmap_format`` "parts" (one file part per
+        map) or "zip" (one heatmaps.zip part), by default "zip" for MONAI Label's own client (its
+        params always carry ``client_id``; it keeps one file of an answer) and "parts" otherwise;
+        ``heatmap_scans`` "driving" (default: the driving scan's map) or "all" (every scan's)."""
+        from .infers.hlip_findings import HEATMAP_FORMATS, HEATMAP_SCANS
+
+        fmt = params.get("heatmap_format", "zip" if "client_id" in params else HEATMAP_FORMATS[0])
+        if fmt not in HEATMAP_FORMATS:
+            raise HTTPException(status_code=400, detail=f"params.heatmap_format must be one of {', '.join(HEATMAP_FORMATS)}")
+        scans = params.get("heatmap_scans", HEATMAP_SCANS[0])
+        if scans not in HEATMAP_SCANS:
+            raise HTTPException(status_code=400, detail=f"params.heatmap_scans must be one of {', '.join(HEATMAP_SCANS)}")
+        return fmt, scans == "all"
+
+    def submit_findings(self, study: StudyEntry, findings: list[str], heatmaps: bool, started: float,
+                        heatmap_format: str = "parts", all_scans: bool = False):
         """A Future of the answer computed on the worker: the JSON dict, or with heat maps the
         finished multipart body (bytes, content type), so the event loop only sends it. 503 when
         the queue is full. ``started``: the request's perf_counter start, for elapsed_ms (since the
-        request arrived) beside compute_ms (the study's loading and the model's work alone)."""
+        request arrived) beside compute_ms (the study's loading and the model's work alone).
+        ``heatmap_format``, ``all_scans``: see ``heatmap_options``."""
 
         def job():
             begin = time.perf_counter()
-            result, parts = self.task.predict(study, self.files_of, findings, heatmaps)
+            result, parts = self.task.predict(study, self.files_of, findings, heatmaps, all_scans=all_scans)
             end = time.perf_counter()
             result["compute_ms"] = round(1000 * (end - begin), 1)
             result["elapsed_ms"] = round(1000 * (end - started), 1)
-            return multipart(result, parts) if heatmaps else result
+            return multipart(result, parts, zipped=heatmap_format == "zip") if heatmaps else result
 
         try:
             future = self.worker.submit(job, INTERACTIVE)
@@ -218,13 +235,29 @@ class HLIPService:
                 "datastore": self.datastore.status()}
 
 
-def multipart(result: dict, parts: list) -> tuple[bytes, str]:
-    """The heat-map answer: a part ``result`` (the JSON), then one NIfTI part per heat map."""
+HEATMAP_ZIP = "heatmaps.zip"
+
+
+def multipart(result: dict, parts: list, zipped: bool = False) -> tuple[bytes, str]:
+    """The heat-map answer as (body, content type): a form field ``params`` (the JSON, as MONAI
+    Label names it), then one file part ``<name>.nii.gz`` per heat map in ``parts`` [(name, bytes)],
+    or with ``zipped`` one file part heatmaps.zip holding them as ``<name>.nii.gz`` (stored: they
+    are gzip already); the JSON then says ``"heatmap_file": "heatmaps.zip"``."""
+    import io
     import json
+    import zipfile
 
     from requests_toolbelt import MultipartEncoder
 
-    fields = [("result", (None, json.dumps(result), "application/json"))]
-    fields += [(name, (f"{name}.nii.gz", data, "application/octet-stream")) for name, data in parts]
+    if zipped:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+            for name, data in parts:
+                z.writestr(f"{name}.nii.gz", data)
+        result = {**result, "heatmap_file": HEATMAP_ZIP}
+        files = [(HEATMAP_ZIP, (HEATMAP_ZIP, buffer.getvalue(), "application/zip"))]
+    else:
+        files = [(name, (f"{name}.nii.gz", data, "application/octet-stream")) for name, data in parts]
+    fields = [("params", (None, json.dumps(result), "application/json"))] + files
     encoder = MultipartEncoder(fields=fields)
     return encoder.to_string(), encoder.content_type

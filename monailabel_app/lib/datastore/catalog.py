@@ -106,3 +106,13 @@ class StudyCatalog:
 
     def image_ids(self) -> list[str]:
         return list(self._by_image)
+
+    def monai_json(self, name: str) -> dict:
+        """The datastore as MONAI Label's ``GET /datastore/?output=all`` gives it, ``{"name",
+        "objects": {image_id: {"image": {"info": {study_id, description, modality}}, "labels": {}}}}``
+        (what ``MONAILabelClient.datastore()`` reads), plus the study grouping ``"studies":
+        {study_id: [{image_id, description, modality}]}``."""
+        studies = self._studies
+        objects = {sc.image_id: {"image": {"info": {"study_id": sid, **sc.public()}}, "labels": {}}
+                   for sid, st in studies.items() for sc in st.scans}
+        return {"name": name, "objects": objects, "studies": {sid: [sc.public() for sc in st.scans] for sid, st in studies.items()}}

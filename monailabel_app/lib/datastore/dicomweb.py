@@ -166,3 +166,6 @@ class HLIPDicomWebDatastore(DICOMWebDatastore):
         studies = self.catalog.studies()
         return {"total": sum(len(s.scans) for s in studies.values()), "completed": 0, "label_tags": {},
                 "studies": len(studies), "scanned": self.catalog.ready.is_set()}
+
+    def json(self):
+        return self.catalog.monai_json(self.name())

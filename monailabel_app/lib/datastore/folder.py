@@ -303,4 +303,4 @@ class StudyFolderDatastore(Datastore):
                 "studies": len(studies), "scanned": self.catalog.ready.is_set()}
 
     def json(self):
-        return {"name": self._name, "studies": {sid: [sc.public() for sc in st.scans] for sid, st in self.catalog.studies().items()}}
+        return self.catalog.monai_json(self._name)

@@ -6,9 +6,11 @@ on the inference worker thread only (see ``lib/worker.py``).
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
+import struct
 import threading
 import uuid
 from collections import OrderedDict
@@ -25,6 +27,12 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = ("HLIP zero-shot findings for a whole study (all its CT/MRI series): probability and score per "
                "free-text finding, the series that drives it, and optionally a heat map per finding")
+
+# How heat maps travel (request params ``heatmap_format`` and ``heatmap_scans``; the first is the default)
+HEATMAP_FORMATS = ("parts", "zip")  # one multipart file part per map, or all maps in one heatmaps.zip part
+HEATMAP_SCANS = ("driving", "all")  # each finding's driving scan only, or every scan the model read
+NIFTI1_HEADER = 348
+SCL_SLOPE_AT = 112  # byte offsets of scl_slope and scl_inter (float32) in a NIfTI-1 header
 
 
 class LRU(OrderedDict):
@@ -55,7 +63,9 @@ class HLIPFindings(InferTask):
         from hlip_core.inference import StudyPredictor
 
         super().__init__(type="hlip_findings", labels=list(config.findings), dimension=3, description=DESCRIPTION,
-                         config={"heatmaps": config.heatmaps, "max_findings": config.max_findings})
+                         config={"heatmaps": config.heatmaps, "max_findings": config.max_findings,
+                                 "heatmap_format": list(HEATMAP_FORMATS), "heatmap_scans": list(HEATMAP_SCANS),
+                                 "heatmap_encoding": "uint8 NIfTI-1 (.nii.gz) with scl_slope/scl_inter: readers see float values"})
         self.conf = config
         self.predictor = StudyPredictor.load(config.checkpoint, device=config.device, precision=config.precision)
         self.prepared = LRU(config.prepared_cache)  # (study id, signature) -> PreparedStudy
@@ -102,10 +112,12 @@ class HLIPFindings(InferTask):
         ``encode_study_for_reports``: search texts are compared with it, as reports were in training)."""
         return self.predictor.embed(self.prepare(study, files_of), embedding="reports")[0]
 
-    def predict(self, study, files_of, findings: list[str], heatmaps: bool) -> Tuple[dict, list]:
+    def predict(self, study, files_of, findings: list[str], heatmaps: bool, all_scans: bool = False) -> Tuple[dict, list]:
         """JSON answer and, with heat maps, [(part name, NIfTI .nii.gz bytes)] in finding order.
         The answer: study_id, findings (one row per finding), scans (each scan the model read, with
-        the modality it was preprocessed as), skipped (series the ingestion could not use, why)."""
+        the modality it was preprocessed as), skipped (series the ingestion could not use, why).
+        With heat maps each row names its driving scan's map (``heatmap``); with ``all_scans`` also
+        every scan's (``heatmaps``: {scan_id: part name}). Maps are ``quantised_nifti`` files."""
         prepared = self.prepare(study, files_of)
         result = self.predictor.predict(prepared, findings, heatmaps=heatmaps)
         scans = [{"scan_id": sc.scan_id, "image_id": _image_id_of(sc, study), "description": sc.description, "modality": sc.modality}
@@ -123,7 +135,15 @@ class HLIPFindings(InferTask):
                 self.answers.put((study.study_id, study.signature, f.finding), dict(row))
             if heatmaps:
                 row["heatmap"] = f"heatmap_{j}"
-                parts.append((row["heatmap"], self._nifti_bytes(result.heatmaps[f.finding])))
+                parts.append((row["heatmap"], quantised_nifti(result.heatmaps[f.finding], self.tmp)))
+                if all_scans:
+                    row["heatmaps"] = {}
+                    for i, (scan_id, image) in enumerate(result.all_heatmaps[f.finding].items()):
+                        if scan_id == f.scan_id:
+                            row["heatmaps"][scan_id] = row["heatmap"]
+                            continue
+                        row["heatmaps"][scan_id] = f"heatmap_{j}_scan{i}"
+                        parts.append((row["heatmaps"][scan_id], quantised_nifti(image, self.tmp)))
             rows.append(row)
         return {"study_id": study.study_id, "findings": rows, **about}, parts
 
@@ -138,18 +158,6 @@ class HLIPFindings(InferTask):
         return {"study_id": study.study_id, "findings": [dict(r) for r in rows], "scans": [dict(s) for s in about["scans"]],
                 "skipped": list(about["skipped"])}
 
-    def _nifti_bytes(self, image) -> bytes:
-        import SimpleITK as sitk
-
-        folder = self.tmp / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        try:
-            path = folder / "heatmap.nii.gz"
-            sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), str(path), True)
-            return path.read_bytes()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
     # -- MONAI Label's own entry (batch infer, the ``monailabel`` CLI) ---------------------------------
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
@@ -158,6 +166,35 @@ class HLIPFindings(InferTask):
         # MONAI Label would hand over one image file; findings are for whole studies, on the worker
         raise MONAILabelException(MONAILabelError.INVALID_INPUT, "hlip_findings scores whole studies: use "
                                   "POST /infer/hlip_findings?image=<image or study id> (or session_id=<upload session>)")
+
+
+def quantised_nifti(image, tmp: Path) -> bytes:
+    """A heat map (SimpleITK image, float) as .nii.gz bytes: uint8 voxels q with the NIfTI-1 scale
+    (scl_slope s, scl_inter lo), so that every NIfTI reader (ITK, so 3D Slicer and SimpleITK;
+    nibabel) reads back float32 values q*s+lo within s/2 of the map (s = (max-min)/255), on the
+    scan's own grid. ``tmp``: a folder for SimpleITK's file (removed afterwards). Raises
+    ValueError for a map with non-finite values."""
+    import SimpleITK as sitk
+
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        raise ValueError("a heat map has non-finite values (NaN or inf); the model's output cannot be sent")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0  # a constant map: all voxels 0, read back as lo
+    codes = sitk.GetImageFromArray(np.clip(np.rint((values - lo) / scale), 0, 255).astype(np.uint8))
+    codes.CopyInformation(image)
+    folder = tmp / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        path = folder / "heatmap.nii"
+        sitk.WriteImage(codes, str(path), False)
+        data = bytearray(path.read_bytes())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if struct.unpack("<i", data[:4])[0] != NIFTI1_HEADER:
+        raise ValueError("SimpleITK wrote the heat map as a NIfTI file this server cannot scale (not NIfTI-1, little-endian)")
+    data[SCL_SLOPE_AT : SCL_SLOPE_AT + 8] = struct.pack("<ff", scale, lo)
+    return gzip.compress(bytes(data), compresslevel=6)
 
 
 def _image_id_of(scan, study) -> str | None:
