@@ -19,6 +19,7 @@ from lib.index import StudyIndexer, model_fingerprint
 from lib.infers import HLIPFindings
 from lib.service import HLIPService
 from lib.sessions import StudySessions
+from lib.uploads import clean_temporary
 from lib.worker import InferenceWorker
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -32,7 +33,9 @@ class HLIPApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.hlip_config = HLIPConfig.from_conf(conf, studies)
         cache = self.hlip_config.cache_dir
-        (cache / "tmp").mkdir(parents=True, exist_ok=True)
+        removed = clean_temporary(cache / "tmp")  # one temporary area: partial files of a killed server go now
+        if removed:
+            log.info("removed %d temporary file(s) left by an earlier run", removed)
         # uploads and conversions spool to temporary files: keep them inside the cache folder
         self._previous_tempdir, tempfile.tempdir = tempfile.tempdir, str(cache / "tmp")
         bin_dir = os.path.dirname(sys.executable)  # dcmqi's tools: found offline, never downloaded
@@ -71,7 +74,9 @@ class HLIPApp(MONAILabelApp):
         if not load:
             return None
         path = settings.MONAI_LABEL_SESSION_PATH.strip() or str(self.hlip_config.cache_dir / "sessions")
-        return StudySessions(path, settings.MONAI_LABEL_SESSION_EXPIRY)
+        sessions = StudySessions(path, settings.MONAI_LABEL_SESSION_EXPIRY, self.hlip_config.sessions_max_bytes)
+        sessions.remove_expired()  # expired ones and those a killed server left half written
+        return sessions
 
     def on_init_complete(self):
         super().on_init_complete()

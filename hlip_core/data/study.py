@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .dicom import AssemblyError, HeaderError, Instance, VolumePlan, assemble, plan_series, read_header
 from .types import IngestOptions, Scan, Skipped, Study
+from .limits import VolumeInconsistent, VolumeTooLarge, check_volume_file
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,25 @@ def read_volume_file(path: str, options: IngestOptions, root: str | None = None)
     def skip(reason: str, detail: str, kind: str = "file") -> Skipped:
         return Skipped(kind, reason, detail, None, stem, stem, [rel])
 
+    try:  # NIfTI: size against the limit, data length and finiteness, before anything is allocated
+        check_volume_file(path, options.max_voxels, what="the volume file")
+    except VolumeTooLarge as exc:
+        yield skip("too_large", str(exc))
+        return
+    except VolumeInconsistent as exc:
+        yield skip("non_finite" if "non-finite" in str(exc) else "truncated", str(exc))
+        return
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         dim, comps, size = reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize()
+        voxels = 1
+        for n in size:
+            voxels *= int(n)
+        if voxels > options.max_voxels:  # NRRD/MHA: the header's size against the same limit
+            yield skip("too_large", f"{voxels:,} voxels; the limit is {options.max_voxels:,} (max_voxels)")
+            return
         if comps != 1:
             yield skip("colour", f"{comps} components per voxel")
             return

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .limits import DEFAULT_MAX_VOXELS
+
 # reason code -> words a person reads in "series 7 'Scout' (1.2.3...): localizer (ImageType LOCALIZER)"
 REASONS = {
     "not_dicom": "not a DICOM or volume file",
@@ -25,6 +27,8 @@ REASONS = {
     "unequal_repeats": "repeated slice positions with unequal counts",
     "volume_not_selected": "volume of a repeated series not selected",
     "truncated": "truncated file",
+    "too_large": "larger than the voxel limit (max_voxels)",
+    "non_finite": "non-finite voxels (NaN or infinity)",
     "undecodable": "undecodable pixel data",
     "unreadable_volume": "unreadable volume file",
     "no_usable_scan": "no usable scan in the study",
@@ -119,6 +123,8 @@ class IngestOptions:
         the 1st intensity percentile is below -500, else MR).
     study_ids: output study ids of DICOM studies: "uid" (StudyInstanceUID), "hash" (of the UID)
         or "folder" (the folder holding the study's files, relative to the source).
+    max_voxels: NIfTI volumes and DICOM series with more voxels are skipped ("too_large") before
+        their data are read (see hlip_core.data.limits: its default fits any real CT/MR study).
     """
 
     min_slices: int = 8
@@ -128,6 +134,7 @@ class IngestOptions:
     max_volumes: int = 16
     volume_modality: str = "MR"
     study_ids: str = "uid"
+    max_voxels: int = DEFAULT_MAX_VOXELS
 
     @classmethod
     def from_kwargs(cls, options: dict) -> "IngestOptions":

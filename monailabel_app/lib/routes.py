@@ -37,7 +37,11 @@ from monailabel.utils.others.generic import file_checksum, get_mime_type
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from hlip_core.data.limits import VolumeTooLarge, copy_capped
+
 from .datastore.catalog import unsafe_id_reason
+from .sessions import SessionsFull
+from .uploads import TempSweepMiddleware, as_http, check_uploaded
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +274,17 @@ def _modalities(scans: str | None, sent: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def _copy_member(src, dst, left: int, declared: int) -> int:
+    """One archive member copied with a running cap (the total ``left``, and its declared size:
+    a member's header may lie); 413 past either."""
+    try:
+        return copy_capped(src, dst, min(left, declared), "an archive member" if declared < left else "the archive")
+    except VolumeTooLarge as e:
+        raise as_http(e) from None
+
+
 def _safe_extract(archive: str, target: str, limit: int) -> None:
+    left = limit
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             members = [m for m in z.infolist() if not m.is_dir()]
@@ -281,7 +295,7 @@ def _safe_extract(archive: str, target: str, limit: int) -> None:
                 if not name or name.startswith("."):
                     continue
                 with z.open(m) as src, open(os.path.join(target, f"{i:06d}_{name}"), "wb") as dst:
-                    shutil.copyfileobj(src, dst)  # flattened: no member path is ever used as a path
+                    left -= _copy_member(src, dst, left, m.file_size)  # flattened: no member path is ever used as a path
         return
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as t:
@@ -293,7 +307,7 @@ def _safe_extract(archive: str, target: str, limit: int) -> None:
                 if not name or name.startswith("."):
                     continue
                 with t.extractfile(m) as src, open(os.path.join(target, f"{i:06d}_{name}"), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                    left -= _copy_member(src, dst, left, m.size)
         return
     raise HTTPException(status_code=400, detail="uncompress=true needs one .zip or .tar(.gz) file")
 
@@ -336,8 +350,13 @@ def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int
         if bad:
             more = f" ({len(bad)} such files)" if len(bad) > 1 else ""
             raise HTTPException(status_code=400, detail=f"uploaded file {bad[0][0][:80]!r} {bad[0][1]}{more}")
+        for n in stored:  # before anything reads their voxels: 413 past --conf max_voxels, 422 truncated/NaN
+            check_uploaded(os.path.join(received, n), service.config.max_voxels, n)
         source = received if len(stored) > 1 else os.path.join(received, stored[0])
-        session_id, info = service.sessions.add_study(source, expiry, {"modalities": modalities})
+        try:
+            session_id, info = service.sessions.add_study(source, expiry, {"modalities": modalities})
+        except SessionsFull as e:
+            raise HTTPException(status_code=413, detail=str(e)) from None
         default = service.config.volume_modality
         understood = [{"file": name, "modality": modalities.get(where, default)} for name, where in sent.items()
                       if where is not None and where.lower().endswith(VOLUME_EXTENSIONS)] if not uncompress else []
@@ -639,6 +658,7 @@ def install(app) -> None:
     app.add_exception_handler(requests.RequestException, on_upstream_error)
     app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_any_error)
+    app.add_middleware(TempSweepMiddleware)  # inside the guard: sees every upload the guard lets through
     app.add_middleware(GuardMiddleware)
     _same_origin_cors(app)
     if settings.MONAI_LABEL_AUTH_ENABLE:

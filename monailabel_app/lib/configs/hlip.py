@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hlip_core.data.limits import DEFAULT_MAX_VOXELS
+
 DEFAULT_FINDINGS = [
     "intracranial hemorrhage",
     "acute infarct",
@@ -83,12 +85,14 @@ class HLIPConfig:
     rescan_seconds: float = 30.0  # how often the datastore is checked for new or changed studies
     prepared_cache: int = 4  # studies kept loaded and preprocessed in memory
     volume_modality: str = "auto"  # modality of NIfTI/NRRD/MHA volumes that do not say theirs ("auto": CT if it holds HU)
+    max_voxels: int = DEFAULT_MAX_VOXELS  # per volume (and 4 bytes each of voxel data); see hlip_core.data.limits
+    sessions_max_bytes: int = 4 << 30  # all upload sessions together on disk; past it the oldest expire
 
     @classmethod
     def from_conf(cls, conf: dict, studies: str) -> "HLIPConfig":
         known = {"checkpoint", "cache_dir", "device", "precision", "findings", "heatmaps", "max_upload_mb", "max_queue",
                  "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "volume_modality", "server_mode",
-                 "cors_origins"}
+                 "cors_origins", "max_voxels", "sessions_max_bytes"}
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ValueError(f"unknown --conf key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'server_mode'}))}")
@@ -119,6 +123,8 @@ class HLIPConfig:
             rescan_seconds=_float(conf.get("rescan_seconds", 30.0), "rescan_seconds", 0.1, 86400),
             prepared_cache=_int(conf.get("prepared_cache", 4), "prepared_cache", 0, 1000),
             volume_modality=modality_code(conf.get("volume_modality", "auto"), "--conf volume_modality"),
+            max_voxels=_int(conf.get("max_voxels", DEFAULT_MAX_VOXELS), "max_voxels", 1, 1 << 40),
+            sessions_max_bytes=_int(conf.get("sessions_max_bytes", 4 << 30), "sessions_max_bytes", 1 << 20, 1 << 50),
         )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"--conf precision must be fp32 or bf16, got {cfg.precision!r}")

@@ -100,9 +100,9 @@ class HLIPFindings(InferTask):
         for f in files:
             groups.setdefault(named.get(f, self.conf.volume_modality), []).append(f)
         if len(groups) <= 1:
-            return load_study(files, volume_modality=next(iter(groups), self.conf.volume_modality))
+            return load_study(files, volume_modality=next(iter(groups), self.conf.volume_modality), max_voxels=self.conf.max_voxels)
         # one ingestion per modality, merged in the order of the files
-        loaded = [load_study(group, volume_modality=modality) for modality, group in groups.items()]
+        loaded = [load_study(group, volume_modality=modality, max_voxels=self.conf.max_voxels) for modality, group in groups.items()]
         position = {f: i for i, f in enumerate(files)}
         scans = sorted((sc for part in loaded for sc in part.scans), key=lambda sc: min(position.get(f, 0) for f in sc.files or [""]))
         return Study(study.study_id, scans=scans, skipped=[s for part in loaded for s in part.skipped])
