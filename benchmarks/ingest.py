@@ -14,6 +14,13 @@ train/prepare.py command with 1 and 2 workers.
    peak resident memory of the largest process beside the size of the largest series.
 
     python benchmarks/ingest.py [--studies 24] [--repeats 5] [--work /tmp/hlip_ingest_bench]
+    python benchmarks/ingest.py --scale 10000 100000 [--scale-workers 1 2]    # only section 4
+
+4. Scale (--scale N ...): a tree of about N files made by copying real T1 slices (every 2nd slice
+   of the 384, so 192 files a study, pixels cropped to the central 128x128 to keep 100,000 files near
+   3.5 GB) with new Study/Series/SOP Instance UIDs; per N: files/s of the header pass (discovery) and
+   the whole command's time, studies/s and peak resident memory of the largest process, with the
+   --scale-workers counts. The tree is written in the scratch folder and deleted after each N.
 
 The machine is shared: compare ratios measured in the same run, not absolute figures.
 """
@@ -163,6 +170,102 @@ def issue22_tree(root: Path, t1: Path) -> tuple[Path, dict]:
     return tree, counts
 
 
+def scale_templates(t1: Path, work: Path, every: int = 2, crop: int = 128) -> list[tuple[bytes, tuple[bytes, ...]]]:
+    """Every ``every``-th real T1 slice, pixels cropped to the central crop x crop, as file bytes
+    with the UIDs a copy must change: [(bytes, (study, series, sop UID as stored))]."""
+    import io
+
+    import pydicom
+
+    out = []
+    for path in sorted(t1.iterdir())[::every]:
+        ds = pydicom.dcmread(path)
+        arr = ds.pixel_array
+        r0, c0 = (arr.shape[0] - crop) // 2, (arr.shape[1] - crop) // 2
+        ds.PixelData = arr[r0: r0 + crop, c0: c0 + crop].copy().tobytes()
+        ds.Rows = ds.Columns = crop
+        # the crop's first pixel moves along the row and column directions
+        row, col = (float(v) for v in ds.PixelSpacing)
+        o = [float(v) for v in ds.ImageOrientationPatient]
+        ds.ImagePositionPatient = [float(p) + c0 * col * o[i] + r0 * row * o[3 + i] for i, p in enumerate(ds.ImagePositionPatient)]
+        buf = io.BytesIO()
+        ds.save_as(buf, write_like_original=False)
+        out.append((buf.getvalue(), tuple(str(ds[t].value).encode() for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))))
+    return out
+
+
+def _renumbered(uid: bytes, i: int) -> bytes:
+    """The UID with its last 8 digits replaced by i (same length, so the file's lengths stay)."""
+    return uid[:-8] + b"%08d" % i
+
+
+def scale_tree(root: Path, templates: list, files: int) -> tuple[Path, int, int]:
+    """ceil(files / len(templates)) studies of copies of the templates with new UIDs, 1,000 files a folder."""
+    tree = root / "scale_tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    studies = -(-files // len(templates))
+    n = 0
+    folder = tree
+    for i in range(studies):
+        for data, (study, series, sop) in templates:
+            if n % 1000 == 0:
+                folder = tree / f"{n // 1000:04d}"
+                folder.mkdir(parents=True)
+            new = data.replace(study, _renumbered(study, i)).replace(series, _renumbered(series, i)).replace(sop, _renumbered(sop, i))
+            (folder / f"IM{n:07d}.dcm").write_bytes(new)
+            n += 1
+    return tree, n, studies
+
+
+def _peak_command(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run cmd; (result, wall seconds, peak resident MB of its largest process, workers included)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); w = time.perf_counter() - t; "
+             "sys.stdout.write(r.stdout); sys.stderr.write(r.stderr); "
+             "print('probe:', w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(r.returncode)")
+    run = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next(x for x in run.stdout.splitlines() if x.startswith("probe: "))
+    wall, peak = (float(v) for v in line.split()[1:])
+    return run, wall, peak
+
+
+def scale(t1: Path, work: Path, sizes: list[int], workers: list[int]) -> None:
+    from hlip_core.data import discover_studies
+    from hlip_core.data.study import KEEP_HEADERS
+
+    templates = scale_templates(t1, work)
+    print(f"  templates: {len(templates)} real T1 slices cropped to 128x128, {len(templates[0][0])} bytes a file; "
+          f"headers kept from discovery: up to {KEEP_HEADERS}")
+    for size in sizes:
+        t = time.perf_counter()
+        tree, files, studies = scale_tree(work, templates, size)
+        made = time.perf_counter() - t
+        du = sum(p.stat().st_size for p in tree.rglob("*.dcm"))
+        print(f"  {files} files, {studies} studies, {du / 2**30:.2f} GB (written in {made:.0f} s); free disk {shutil.disk_usage(work).free / 2**30:.0f} GB")
+        try:
+            for w in workers:
+                t = time.perf_counter()
+                found = discover_studies(tree, workers=w)
+                sec = time.perf_counter() - t
+                assert len(found.studies) == studies and not found.skipped, (len(found.studies), len(found.skipped))
+                print(f"   header pass, {w} worker(s): {sec:.1f} s, {files / sec:.0f} files/s; load {os.getloadavg()[0]:.1f}")
+                del found
+            for w in workers:
+                out = work / f"scale_out_w{w}"
+                shutil.rmtree(out, ignore_errors=True)
+                run, wall, peak = _peak_command([sys.executable, str(REPO / "train" / "prepare.py"), str(tree), str(out),
+                                                 "--workers", str(w), "--no-progress", "--log-level", "WARNING"])
+                if run.returncode != 0:
+                    raise RuntimeError(run.stdout[-2000:] + run.stderr[-2000:])
+                summary = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("summary: "))[len("summary: "):])
+                assert summary["prepared"] == studies and summary["scans"] == studies and not summary["skipped"], summary
+                print(f"   whole prepare, {w} worker(s): {wall:.1f} s wall, {summary['studies_per_second']:.2f} studies/s, "
+                      f"{files / wall:.0f} files/s, peak memory of the largest process {peak:.0f} MB; load {os.getloadavg()[0]:.1f}")
+                shutil.rmtree(out, ignore_errors=True)
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
+
+
 def stage_profile(tree: Path, work: Path, max_volumes: int = 16) -> dict:
     """The stages of prepare run one after the other in this process (1 worker), seconds each."""
     import numpy as np
@@ -257,6 +360,9 @@ def main() -> None:
     parser.add_argument("--tree-workers", type=int, nargs="+", default=[1, 2],
                         help="--workers of the prepare runs on issue 22's tree (default: %(default)s)")
     parser.add_argument("--tree-only", action="store_true", help="only section 0 (issue 22's tree)")
+    parser.add_argument("--scale", type=int, nargs="+", default=None, metavar="FILES",
+                        help="only section 4: trees of about this many files (for example 10000 100000)")
+    parser.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="--workers of section 4 (default: %(default)s)")
     args = parser.parse_args()
     if not shutil.which("dcm2niix"):
         sys.exit("dcm2niix is not installed (Debian package dcm2niix; .ci/run installs it)")
@@ -266,6 +372,10 @@ def main() -> None:
         version = subprocess.run(["dcm2niix", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         print(f"dcm2niix: {version[-1] if version else '?'}; cpus: {os.cpu_count()}; "
               f"load average at start: {os.getloadavg()[0]:.1f} (other work on the machine)")
+        if args.scale:
+            print("\n4. scale: copies of real T1 slices with new UIDs")
+            scale(benchmark_mri_dicom_dir(), work, args.scale, args.scale_workers)
+            return
         print("\n1. assembly vs dcm2niix (median of", args.repeats, "runs, in turns)")
         real = assembly_vs_dcm2niix(benchmark_mri_dicom_dir(), work, args.repeats)
         print("  real MRI (384x274 slices):", json.dumps(real))

@@ -26,7 +26,7 @@ import numpy as np
 from .manifest import MANIFEST, SETTINGS, SKIPPED, ManifestError, check_record
 from .preprocess import PreprocessSettings, geometry, settings_like, to_model_space, to_storage
 from .reports import match_report, read_reports, split_sentences
-from .study import StudySource, _bar, discover_studies, iter_scans, plan_study, worker_pool
+from .study import KEEP_HEADERS, StudySource, _bar, discover_studies, iter_scans, plan_study, worker_pool
 from .types import IngestOptions, Scan, Skipped
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def prepare_study(task: dict) -> dict:
                               "accession": None, "error": None}
     folder_name = Path(src.folder).name if src.folder not in ("", ".") else Path(root).name
     try:
-        plan = plan_study(src.files, opts, study_id=src.study_id, root=root, folder_name=folder_name)
+        plan = plan_study(src.files, opts, study_id=src.study_id, root=root, folder_name=folder_name, instances=src.instances)
         result["accession"] = plan.accession_number
         skipped = list(plan.skipped)
         study_dir = out / ARRAYS / safe_name(src.study_id)
@@ -263,7 +263,7 @@ def prepare_archive(source, out, settings: PreprocessSettings | dict | None = No
 def _prepare(source, out: Path, settings, opts, table, report_match, shard, workers, progress, pool, options, start) -> dict:
     manifest_name, skipped_name, summary_name = output_names(shard)
     manifest_file, skipped_file = out / manifest_name, out / skipped_name
-    discovery = discover_studies(source, workers=workers, progress=progress, pool=pool, **options)
+    discovery = discover_studies(source, workers=workers, progress=progress, pool=pool, keep_headers=KEEP_HEADERS, **options)
     studies = [s for s in discovery.studies if in_shard(s.study_id, shard)]
     done, kept_skips = _resume_state(manifest_file, skipped_file)
     if shard[0] == 0:  # files in no study are reported once, by shard 0
@@ -276,8 +276,7 @@ def _prepare(source, out: Path, settings, opts, table, report_match, shard, work
 
     counts: Counter = Counter(s.reason for s in discovery.skipped) if shard[0] == 0 else Counter()
     stats = Counter()
-    tasks = ({"study": vars(s), "root": discovery.root, "out": str(out), "settings": settings.to_dict(),
-              "options": vars(opts)} for s in todo)
+    tasks = (_task(s, discovery.root, out, settings, opts) for s in todo)
     by_id = {s.study_id: s for s in todo}
     bar = _bar(progress, len(todo), "preparing studies")
     try:
@@ -311,6 +310,13 @@ def _prepare(source, out: Path, settings, opts, table, report_match, shard, work
              "%.1f s, %.2f studies/s", summary["prepared"], already, summary["without_scans"], summary["failed"],
              summary["scans"], summary["skipped"], seconds, summary["studies_per_second"] or 0.0)
     return summary
+
+
+def _task(study: StudySource, root: str, out: Path, settings: PreprocessSettings, opts: IngestOptions) -> dict:
+    """The task of one study; the headers discovery kept for it go with the task and leave the parent."""
+    task = {"study": dict(vars(study)), "root": root, "out": str(out), "settings": settings.to_dict(), "options": vars(opts)}
+    study.instances = None
+    return task
 
 
 def _settings_file(out: Path, settings: PreprocessSettings) -> None:

@@ -90,12 +90,19 @@ class StudyPlan:
         return len(self.dicom) + len(self.volume_files)
 
 
-def classify(files: Iterable[str], root: str | None = None) -> tuple[list[Instance], list[str], list[Skipped]]:
-    """Split files into DICOM instances (headers read), volume files, and skipped files."""
+def classify(files: Iterable[str], root: str | None = None,
+             known: dict[str, Instance] | None = None) -> tuple[list[Instance], list[str], list[Skipped]]:
+    """Split files into DICOM instances (headers read, or taken from ``known``: path -> Instance
+    read before), volume files, and skipped files; instances in the order of ``files``."""
     instances, volumes, skipped = [], [], []
+    known = known or {}
     for path in files:
         if volume_suffix(path):
             volumes.append(path)
+            continue
+        inst = known.get(path)
+        if inst is not None:
+            instances.append(inst)
             continue
         try:
             instances.append(read_header(path))
@@ -106,12 +113,10 @@ def classify(files: Iterable[str], root: str | None = None) -> tuple[list[Instan
 
 def plan_study(files: Sequence[str], options: IngestOptions, study_id: str | None = None, root: str | None = None,
                folder_name: str | None = None, instances: list[Instance] | None = None) -> StudyPlan:
-    """Read the headers of one study's files and plan its volumes. Several StudyInstanceUIDs among
-    the files raise ValueError naming the count."""
-    if instances is None:
-        instances, volumes, skipped = classify(files, root)
-    else:
-        volumes, skipped = [f for f in files if volume_suffix(f)], []
+    """Read the headers of one study's files and plan its volumes. ``instances``: headers read
+    before (by discovery) for some or all of ``files``; only the other files are read. Several
+    StudyInstanceUIDs among the files raise ValueError naming the count."""
+    instances, volumes, skipped = classify(files, root, {i.path: i for i in instances or ()})
     uids = sorted({i.study_uid for i in instances})
     if len(uids) > 1:
         raise ValueError(f"{len(uids)} different StudyInstanceUIDs in one source; load_study takes one study "
@@ -291,6 +296,8 @@ class StudySource:
     kind: str  # "dicom" | "volumes" | "mixed"
     folder: str  # the folder holding its files, relative to the archive root
     study_uid: str | None = None
+    # headers discovery read and kept (for some or all of its DICOM files; see discover_studies)
+    instances: list[Instance] | None = None
 
 
 @dataclass
@@ -308,15 +315,21 @@ class Discovery:
         return len(self.studies)
 
 
-def _study_key_of(path: str) -> tuple[str, str] | Skipped:
-    """(kind, key) of one file: ("volumes", folder) or ("dicom", StudyInstanceUID)."""
+# Headers prepare_archive keeps from discovery so that planning does not read those files again:
+# about 4 KB each in memory, so at most ~64 MB; files beyond this many are read again when their
+# study is planned (memory stays flat in the size of the archive).
+KEEP_HEADERS = 16384
+
+
+def _study_key_of(path: str) -> Instance | str | Skipped:
+    """What discovery needs of one file: its Instance (DICOM), its folder (a volume file) or
+    Skipped (not usable)."""
     if volume_suffix(path):
-        return ("volumes", str(Path(path).parent))
+        return str(Path(path).parent)
     try:
-        inst = read_header(path)
+        return read_header(path)
     except HeaderError as exc:
         return Skipped("file", exc.reason, exc.detail, files=[path])
-    return ("dicom", inst.study_uid)
 
 
 def study_keys(paths: Sequence[str]) -> list:
@@ -324,7 +337,8 @@ def study_keys(paths: Sequence[str]) -> list:
     return [_study_key_of(p) for p in paths]
 
 
-def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool = False, pool=None, **options) -> Discovery:
+def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool = False, pool=None,
+                     keep_headers: int = 0, **options) -> Discovery:
     """Group the files of an archive into studies, reading DICOM headers only (never pixel data).
 
     DICOM files are grouped by StudyInstanceUID wherever they lie; NIfTI/NRRD/MHA files by the
@@ -332,6 +346,8 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
     DICOM studies get their UID (or its hash, or their folder), volume folders their path relative
     to ``source`` ("/"-separated; the source's own name for files directly in it).
     workers: processes reading headers (or ``pool``: a multiprocessing pool to use).
+    keep_headers: keep the Instances of up to this many DICOM files in ``StudySource.instances``
+        (plan_study then reads only the others); 0 keeps none.
     Returns a Discovery: ``.studies`` sorted by id, ``.skipped`` files that are in no study.
     """
     opts = IngestOptions.from_kwargs(options)
@@ -339,13 +355,20 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
     files = list_files(root)
     keys = _map_chunks(study_keys, files, workers, progress, "reading headers", pool=pool)
     groups: dict[tuple[str, str], list[str]] = {}
+    kept: dict[tuple[str, str], list[Instance]] = {}
     skipped = []
-    for path, key in zip(files, keys):
-        if isinstance(key, Skipped):
-            key.files = [_rel(path, root)]
-            skipped.append(key)
-        else:
-            groups.setdefault(key, []).append(path)
+    budget = max(0, int(keep_headers))
+    for path, found in zip(files, keys):
+        if isinstance(found, Skipped):
+            found.files = [_rel(path, root)]
+            skipped.append(found)
+            continue
+        key = ("volumes", found) if isinstance(found, str) else ("dicom", found.study_uid)
+        groups.setdefault(key, []).append(path)
+        if isinstance(found, Instance) and budget:
+            kept.setdefault(key, []).append(found)
+            budget -= 1
+    del keys
     studies: list[StudySource] = []
     used: dict[str, int] = {}
     for (kind, key), paths in groups.items():
@@ -360,7 +383,7 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
             uid = key
             sid = {"uid": uid, "hash": hashed_id(uid), "folder": rel_folder if rel_folder != "." else Path(root).name}[opts.study_ids]
         used[sid] = used.get(sid, 0) + 1
-        studies.append(StudySource(sid, sorted(paths), kind, rel_folder, uid))
+        studies.append(StudySource(sid, sorted(paths), kind, rel_folder, uid, kept.pop((kind, key), None)))
     # two studies claiming one id (two DICOM studies in one folder with study_ids="folder",
     # or DICOM and volume files in one folder): make them distinct and say so
     for st in studies:
