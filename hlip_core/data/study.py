@@ -353,12 +353,14 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
     opts = IngestOptions.from_kwargs(options)
     root = str(Path(source).resolve())
     files = list_files(root)
-    keys = _map_chunks(study_keys, files, workers, progress, "reading headers", pool=pool)
+    # results are consumed as the workers deliver them: an Instance beyond the keep budget is
+    # dropped at once (only its study key is kept), so memory stays flat in the number of files
+    keys = _iter_chunks(study_keys, files, workers, progress, "reading headers", pool=pool)
     groups: dict[tuple[str, str], list[str]] = {}
     kept: dict[tuple[str, str], list[Instance]] = {}
     skipped = []
     budget = max(0, int(keep_headers))
-    for path, found in zip(files, keys):
+    for found, path in zip(keys, files):  # keys first: the generator runs to its end (pool closed)
         if isinstance(found, Skipped):
             found.files = [_rel(path, root)]
             skipped.append(found)
@@ -368,7 +370,6 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
         if isinstance(found, Instance) and budget:
             kept.setdefault(key, []).append(found)
             budget -= 1
-    del keys
     studies: list[StudySource] = []
     used: dict[str, int] = {}
     for (kind, key), paths in groups.items():
@@ -396,25 +397,23 @@ def discover_studies(source: str | os.PathLike, workers: int = 1, progress: bool
     return Discovery(root, studies, skipped)
 
 
-def _map_chunks(fn, items: list, workers: int, progress: bool, what: str, chunk: int = 256, pool=None) -> list:
+def _iter_chunks(fn, items: list, workers: int, progress: bool, what: str, chunk: int = 256, pool=None):
     """fn over chunks of items, in worker processes when a pool is given or workers > 1 (and there
-    is more than one chunk); results in order."""
+    is more than one chunk); yields the results one by one, in order, as the chunks complete."""
     chunks = [items[i: i + chunk] for i in range(0, len(items), chunk)]
     bar = _bar(progress, len(items), what)
-    out = []
     own = None
     try:
         if pool is None and workers > 1 and len(chunks) > 1:
             pool = own = worker_pool(workers)
         parts = pool.imap(fn, chunks) if pool is not None and len(chunks) > 1 else map(fn, chunks)
         for part in parts:
-            out.extend(part)
             bar.update(len(part))
+            yield from part
     finally:
         bar.close()
         if own is not None:
             own.terminate()
-    return out
 
 
 def _worker_init() -> None:
