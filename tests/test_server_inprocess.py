@@ -605,6 +605,29 @@ def test_cors_origins_must_be_named_origins():
             cors_origins({"cors_origins": bad})
 
 
+def test_a_named_origin_gets_cors_permission_and_no_other(monkeypatch):
+    # MONAI Label's own middleware (every origin, with credentials) replaced by --conf cors_origins
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    from monailabel_app.lib.routes import _same_origin_cors
+
+    app = FastAPI()
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
+    app.get("/info/")(lambda: {"ok": True})
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", {"cors_origins": "http://viewer.example"})
+    _same_origin_cors(app)
+    client = TestClient(app)
+    allowed = client.get("/info/", headers={"Origin": "http://viewer.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://viewer.example"  # named, never '*'
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert "access-control-allow-origin" not in client.get("/info/", headers={"Origin": "http://evil.example"}).headers
+    preflight = client.options("/info/", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "DELETE"})
+    assert preflight.status_code == 400 and "access-control-allow-origin" not in preflight.headers
+
+
 @pytest.mark.parametrize("method,url", [("post", "/scoring/anything"), ("get", "/scoring/"), ("delete", "/scoring/"),
                                         ("post", "/activelearning/random")])
 def test_routes_that_do_not_apply_answer_404_without_a_child_process(server, method, url):
