@@ -92,8 +92,17 @@ def kill9(proc: subprocess.Popen) -> None:
 # -- load -------------------------------------------------------------------------------------------
 
 
+def said(r: requests.Response, step: str = "") -> tuple[int, str]:
+    """(status, "<step> <status>: <the answer's detail>") of an answer."""
+    try:
+        detail = str(r.json().get("detail", ""))
+    except ValueError:
+        detail = r.text
+    return r.status_code, f"{step} {r.status_code}: {detail[:120]}".strip()
+
+
 def requests_of(url: str, scan: Path, truncated: Path):
-    """(kind, expected statuses, callable returning a status) for each kind of request."""
+    """(kind, expected statuses, callable returning (status, what failed)) for each kind of request."""
     def upload(path: Path) -> requests.Response:
         with open(path, "rb") as f:
             return requests.put(f"{url}/session/", files=[("files", (path.name, f))], timeout=120)
@@ -101,31 +110,33 @@ def requests_of(url: str, scan: Path, truncated: Path):
     def session_round():
         r = upload(scan)
         if r.status_code != 200:
-            return r.status_code
+            return said(r, "PUT")
         sid = r.json()["session_id"]
         f = requests.post(f"{url}/infer/hlip_findings", params={"session_id": sid}, json={"findings": ["hemorrhage"]}, timeout=300)
-        requests.delete(f"{url}/session/{sid}", timeout=60)
-        return f.status_code
+        d = requests.delete(f"{url}/session/{sid}", timeout=60)
+        if f.status_code == 200 and d.status_code != 200:
+            return said(d, "DELETE")
+        return said(f, "infer")
 
     return [
-        ("info", {200}, lambda: requests.get(f"{url}/info/", timeout=60).status_code),
-        ("findings (cached)", {200}, lambda: requests.post(f"{url}/infer/hlip_findings", params={"image": "study0"},
-                                                            json={"findings": ["hemorrhage"]}, timeout=300).status_code),
-        ("search", {200}, lambda: requests.get(f"{url}/hlip/search", params={"text": "midline shift", "k": 3}, timeout=60).status_code),
-        ("similar", {200}, lambda: requests.get(f"{url}/hlip/similar", params={"study": "study1", "k": 3}, timeout=60).status_code),
+        ("info", {200}, lambda: said(requests.get(f"{url}/info/", timeout=60))),
+        ("findings (cached)", {200}, lambda: said(requests.post(f"{url}/infer/hlip_findings", params={"image": "study0"},
+                                                                 json={"findings": ["hemorrhage"]}, timeout=300))),
+        ("search", {200}, lambda: said(requests.get(f"{url}/hlip/search", params={"text": "midline shift", "k": 3}, timeout=60))),
+        ("similar", {200}, lambda: said(requests.get(f"{url}/hlip/similar", params={"study": "study1", "k": 3}, timeout=60))),
         ("upload session + findings + delete", {200, 503}, session_round),
-        ("hostile: unsafe id", {400}, lambda: requests.get(f"{url}/datastore/image", params={"image": "../../etc/passwd"}, timeout=60).status_code),
-        ("hostile: JSON nested 100,000 deep", {400}, lambda: requests.post(f"{url}/infer/hlip_findings", params={"image": "study0"},
-                                                                             data="[" * 100_000, headers={"Content-Type": "application/json"},
-                                                                             timeout=60).status_code),
-        ("hostile: truncated .nii.gz", {422}, lambda: upload(truncated).status_code),
-        ("hostile: unknown route", {404, 405}, lambda: requests.post(f"{url}/scoring/anything", timeout=60).status_code),
+        ("hostile: unsafe id", {400}, lambda: said(requests.get(f"{url}/datastore/image", params={"image": "../../etc/passwd"}, timeout=60))),
+        ("hostile: JSON nested 100,000 deep", {400}, lambda: said(requests.post(f"{url}/infer/hlip_findings", params={"image": "study0"},
+                                                                                  data="[" * 100_000, headers={"Content-Type": "application/json"},
+                                                                                  timeout=60))),
+        ("hostile: truncated .nii.gz", {422}, lambda: said(upload(truncated))),
+        ("hostile: unknown route", {404, 405}, lambda: said(requests.post(f"{url}/scoring/anything", timeout=60))),
     ]
 
 
 def load(url: str, clients: int, seconds: float, scan: Path, truncated: Path) -> dict:
     kinds = requests_of(url, scan, truncated)
-    times, fails = defaultdict(list), defaultdict(int)
+    times, fails, why = defaultdict(list), defaultdict(int), defaultdict(lambda: defaultdict(int))
     lock = threading.Lock()
     end = time.monotonic() + seconds
 
@@ -135,19 +146,21 @@ def load(url: str, clients: int, seconds: float, scan: Path, truncated: Path) ->
             name, ok, call = rng.choice(kinds)
             begin = time.perf_counter()
             try:
-                good = call() in ok
-            except requests.RequestException:
-                good = False
+                status, what = call()
+            except requests.RequestException as e:
+                status, what = None, f"no answer ({type(e).__name__})"
             with lock:
                 times[name].append(time.perf_counter() - begin)
-                fails[name] += not good
+                if status not in ok:
+                    fails[name] += 1
+                    why[name][what] += 1
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     out = {}
     for name, _, _ in kinds:
         t = sorted(times[name])
-        out[name] = {"n": len(t), "failures": fails[name],
+        out[name] = {"n": len(t), "failures": fails[name], **({"failed_with": dict(why[name])} if why[name] else {}),
                      "p50_ms": round(1000 * statistics.median(t), 1) if t else None,
                      "p95_ms": round(1000 * t[min(len(t) - 1, int(0.95 * len(t)))], 1) if t else None}
     return out

@@ -239,6 +239,34 @@ def test_an_uploaded_study_is_scored_by_session(server, tmp_path):
     assert r.json()["study_id"] == session_id and len(r.json()["findings"]) == 2
 
 
+def test_a_volume_sent_with_the_request_is_scored_without_a_session_even_with_sessions_off(server, tmp_path, monkeypatch):
+    client, cache = server["client"], server["cache"]
+    volume = write_nifti_study(tmp_path / "upload", seed=11)[0]
+    sessions = lambda: sorted(p.name for p in (cache / "sessions").glob("*"))  # noqa: E731
+    before = sessions()
+    monkeypatch.setattr(server["service"], "sessions", None)  # MONAI_LABEL_SESSIONS=false
+    r = client.post("/infer/hlip_findings", data={"params": json.dumps({"findings": FINDINGS})},
+                    files={"file": (volume.name, volume.read_bytes(), "application/gzip")})
+    assert r.status_code == 200, r.text
+    assert r.json()["study_id"] == "uploaded-file" and len(r.json()["findings"]) == 2  # no id of a session that is gone
+    assert sessions() == before and not list((cache / "tmp").iterdir())
+    refused = client.put("/session/", files=[("files", (volume.name, volume.read_bytes(), "application/gzip"))])
+    assert refused.status_code == 406 and "multipart field 'file'" in refused.json()["detail"]  # the way that still works, by name
+
+
+def test_a_sessions_file_is_sent_under_the_sessions_name_not_the_uploaded_one(server, tmp_path):
+    client = server["client"]
+    volume = write_nifti_study(tmp_path / "upload", seed=12)[0]
+    created = client.put("/session/", files=[("files", ("Doe_Jane_1970-01-01.nii.gz", volume.read_bytes(), "application/gzip"))])
+    assert created.status_code == 200, created.text
+    session_id = created.json()["session_id"]
+    r = client.get(f"/session/{session_id}", params={"image": "true"})
+    assert r.status_code == 200 and r.content == volume.read_bytes()
+    disposition = r.headers["content-disposition"]
+    assert f'{session_id}.nii.gz' in disposition and "Doe" not in disposition
+    client.delete(f"/session/{session_id}")
+
+
 def write_volume(path: Path, hounsfield: bool, seed: int = 0) -> Path:
     """A 20x40x48 volume: CT-like (air at -1000 HU, tissue around 40 HU) or MR-like (0..1000)."""
     import SimpleITK as sitk
@@ -575,6 +603,29 @@ def test_cors_origins_must_be_named_origins():
     for bad in ("*", "evil.example"):
         with pytest.raises(ValueError, match="cors_origins"):
             cors_origins({"cors_origins": bad})
+
+
+def test_a_named_origin_gets_cors_permission_and_no_other(monkeypatch):
+    # MONAI Label's own middleware (every origin, with credentials) replaced by --conf cors_origins
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    from monailabel_app.lib.routes import _same_origin_cors
+
+    app = FastAPI()
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
+    app.get("/info/")(lambda: {"ok": True})
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", {"cors_origins": "http://viewer.example"})
+    _same_origin_cors(app)
+    client = TestClient(app)
+    allowed = client.get("/info/", headers={"Origin": "http://viewer.example"})
+    assert allowed.headers["access-control-allow-origin"] == "http://viewer.example"  # named, never '*'
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert "access-control-allow-origin" not in client.get("/info/", headers={"Origin": "http://evil.example"}).headers
+    preflight = client.options("/info/", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "DELETE"})
+    assert preflight.status_code == 400 and "access-control-allow-origin" not in preflight.headers
 
 
 @pytest.mark.parametrize("method,url", [("post", "/scoring/anything"), ("get", "/scoring/"), ("delete", "/scoring/"),

@@ -238,3 +238,6 @@ def test_a_restart_with_auth_keeps_the_cache_and_refuses_strangers(server, setup
                 assert requests.get(f"{base}/info/", headers={"Authorization": f"Bearer {bad}"}, timeout=10).status_code == 401
             no_role = requests.post(f"{base}/auth/token", data={"username": "visitor", "password": "guest"}, timeout=10).json()["access_token"]
             assert requests.get(f"{base}/hlip/search", params={"text": "mass"}, headers={"Authorization": f"Bearer {no_role}"}, timeout=10).status_code == 403
+            assert requests.get(f"{base}/logs/", headers=auth, timeout=10).status_code == 403  # the log is for admins only
+            admin = idp.token("radiologist", ["monailabel-user", "monailabel-admin"])
+            assert requests.get(f"{base}/logs/", headers={"Authorization": f"Bearer {admin}"}, timeout=10).status_code == 200

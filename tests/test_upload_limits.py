@@ -122,3 +122,28 @@ def test_a_half_written_session_is_removed_at_the_next_start(tmp_path):
     (half / "scan.nii.gz").write_bytes(b"partial")  # killed before meta.info was written
     StudySessions(str(tmp_path / "store"), 3600, max_bytes=1 << 20).remove_expired()
     assert not half.exists()
+
+
+def test_sessions_added_read_and_removed_from_many_threads_never_fail(tmp_path):
+    # the probe's failures: an upload's expiry pass read the meta.info of a session another thread
+    # was deleting (MONAI Label's pass then fails with AttributeError or FileNotFoundError: a 500)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monailabel_app.lib.sessions import StudySessions
+
+    sessions = StudySessions(str(tmp_path / "store"), 3600, max_bytes=1 << 30)
+
+    def round_trip(i: int) -> None:
+        f = tmp_path / f"scan{i}.bin"
+        f.write_bytes(bytes(1000))
+        session_id, _ = sessions.add_study(str(f), 0, {"modalities": {}})
+        assert sessions.get_session(session_id, update_ts=True).meta == {"modalities": {}}
+        sessions.remove_session(session_id)
+        sessions.remove_expired()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(round_trip, range(800)))
+    assert os.listdir(tmp_path / "store") == []
+    (tmp_path / "store" / "cut").mkdir()
+    (tmp_path / "store" / "cut" / "meta.info").write_text("")  # killed while meta.info was written
+    assert sessions.remove_expired() == 1 and os.listdir(tmp_path / "store") == []

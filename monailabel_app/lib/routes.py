@@ -159,14 +159,12 @@ async def api_infer(request: Request, model: str, image: str = "", session_id: s
     findings = service.findings_names(params)
     heatmaps = service.want_heatmaps(params)
     heatmap_format, all_scans = service.heatmap_options(params)
-    if upload is not None:  # MONAI Label's infer(file=...): a study of this one scan, in a session removed after the answer
-        stored = await run_in_threadpool(_store_session, [upload], None, False, 0)
-        file_session = stored["session_id"]
+    if upload is not None:  # MONAI Label's infer(file=...): a study of this one scan, in the temporary area until answered
+        folder, study = await run_in_threadpool(_file_study, [upload])
         try:
-            return await _answer(service, await run_in_threadpool(service.session_study, file_session), findings, heatmaps,
-                                 heatmap_format, all_scans, start, "file")
+            return await _answer(service, study, findings, heatmaps, heatmap_format, all_scans, start, "file")
         finally:
-            await run_in_threadpool(service.sessions.remove_session, file_session)
+            await run_in_threadpool(shutil.rmtree, folder, True)
     if image:  # a study the catalog knows is found at once; otherwise the datastore is asked (blocking I/O) off the loop
         study = service.known(image) or await run_in_threadpool(service.resolve, image)
     else:
@@ -312,10 +310,12 @@ def _safe_extract(archive: str, target: str, limit: int) -> None:
     raise HTTPException(status_code=400, detail="uncompress=true needs one .zip or .tar(.gz) file")
 
 
-def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int) -> dict:
+def _receive(files: list, scans: str | None, uncompress: bool) -> tuple[str, list[str], dict, dict]:
+    """The uploaded ``files`` written to a new folder of the temporary area, archives unpacked
+    (``uncompress``), each file checked (400 unusable, 413 past --conf max_voxels, 422 truncated or
+    NaN). Returns (folder, stored names, {sent name: stored name or None when sent twice},
+    {stored name: modality} from the ``scans`` field). The caller removes the folder."""
     service = hlip()
-    if service.sessions is None:
-        raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false)")
     if uncompress and scans:
         raise HTTPException(status_code=400, detail="the 'scans' field names uploaded files; it cannot name the files inside an archive (uncompress=true)")
     received = tempfile.mkdtemp(prefix="upload-")
@@ -352,6 +352,19 @@ def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int
             raise HTTPException(status_code=400, detail=f"uploaded file {bad[0][0][:80]!r} {bad[0][1]}{more}")
         for n in stored:  # before anything reads their voxels: 413 past --conf max_voxels, 422 truncated/NaN
             check_uploaded(os.path.join(received, n), service.config.max_voxels, n)
+        return received, stored, sent, modalities
+    except BaseException:
+        shutil.rmtree(received, ignore_errors=True)
+        raise
+
+
+def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int) -> dict:
+    service = hlip()
+    if service.sessions is None:
+        raise HTTPException(status_code=406, detail="upload sessions are switched off on this server (MONAI_LABEL_SESSIONS=false); "
+                                                    "send the volume with the findings request instead (POST /infer/<model> with the multipart field 'file')")
+    received, stored, sent, modalities = _receive(files, scans, uncompress)
+    try:
         source = received if len(stored) > 1 else os.path.join(received, stored[0])
         try:
             session_id, info = service.sessions.add_study(source, expiry, {"modalities": modalities})
@@ -365,6 +378,19 @@ def _store_session(files: list, scans: str | None, uncompress: bool, expiry: int
         shutil.rmtree(received, ignore_errors=True)  # moved into the session store on success
 
 
+FILE_STUDY_ID = "uploaded-file"  # the study_id of an answer to infer(file=...): no session is kept for it
+
+
+def _file_study(files: list) -> tuple[str, object]:
+    """(temporary folder, StudyEntry) of the volume sent with a findings request (MONAI Label's
+    ``infer(file=...)``): works with sessions on or off, keeps nothing after the answer."""
+    from .datastore.catalog import ScanEntry, StudyEntry
+
+    received, stored, _, _ = _receive(files, None, False)
+    scans = [ScanEntry(n, n, "", [os.path.join(received, n)]) for n in stored]
+    return received, StudyEntry(FILE_STUDY_ID, scans, signature="", temporary=True)
+
+
 def session_json(info) -> dict:
     """MONAI Label's session info without the server's own paths (``path``, ``image``)."""
     return {k: v for k, v in info.to_json().items() if k not in ("path", "image")}
@@ -376,7 +402,9 @@ def api_get_session(session_id: str, update_ts: bool = False, image: bool = Fals
     if image:
         if os.path.isdir(info.image):
             raise HTTPException(status_code=400, detail="this session holds several files; image=true returns a session of one file only")
-        return FileResponse(info.image, media_type=get_mime_type(info.image), filename=os.path.basename(info.image))
+        # named after the session, not as uploaded: a file's name may carry a patient's name
+        extension = next((e for e in VOLUME_EXTENSIONS if info.image.lower().endswith(e)), "")
+        return FileResponse(info.image, media_type=get_mime_type(info.image), filename=f"{session_id}{extension}")
     return session_json(info)
 
 
