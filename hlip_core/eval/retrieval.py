@@ -7,12 +7,13 @@ The top candidates are re-scored in float32; scores are cosines to the stored fl
 (within about 1e-3 of the float32 embeddings').
 
 Exact search is the default and is fast enough below ``APPROXIMATE_FROM`` rows (see
-benchmarks/RESULTS.md, "Issue 20: FAISS search at 1M and 10M"). Past it, ``build_ann`` makes a
-FAISS IVF-PQ index (inverted lists over product-quantised codes, inner product on the normalised
-rows = cosine); ``faiss.index`` and its parameters ``faiss.json`` are written beside the index. A
-search then reads only the ``nprobe`` nearest lists and re-scores its candidates exactly against the
-float16 rows. FAISS row numbers are the rows of ``ids.json``. An ``ivf.npz`` of the earlier home-made
-inverted lists is ignored (logged) and removed at the next save.
+benchmarks/RESULTS.md, "Approximate search with FAISS"). Past it, ``build_ann`` makes a FAISS
+IVF-SQ8 index (inverted lists over 8-bit scalar-quantised rows, inner product on the normalised rows
+= cosine); ``faiss.index`` and its side file ``faiss.json`` (kind, dim, count, embedding kind, build
+parameters, a digest of the ids) are written beside the index. A search then reads only the
+``nprobe`` nearest lists and re-scores its candidates exactly against the float16 rows, so scores
+are the same cosines exact search gives. FAISS row numbers are the rows of ``ids.json``. An
+``ivf.npz`` of the earlier home-made inverted lists is ignored (logged) and removed at the next save.
 """
 from __future__ import annotations
 
@@ -33,12 +34,48 @@ IDS = "ids.json"
 ANN = "faiss.index"
 ANN_PARAMS = "faiss.json"
 OLD_IVF = "ivf.npz"  # home-made inverted lists of earlier versions: ignored, removed at the next save
+STATE = "export.json"  # written by hlip_core.eval.embedding: names the embedding kind of the rows
+ANN_KIND = "IVF-SQ8"
 RERANK = 8  # candidates per wanted hit the approximate search re-scores exactly: 8 x max(4k, 32)
+NPROBE = 16  # default inverted lists an approximate search reads
 APPROXIMATE_FROM = 2_000_000  # rows from which exact search is slower than the approximate index is worth
 
 
 def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _read_ann(folder: Path, index: "EmbeddingIndex"):
+    """(faiss index, parameters) of ``folder``, checked against ``index``'s rows; ValueError if not usable."""
+    import faiss
+
+    path, side = folder / ANN, folder / ANN_PARAMS
+    fix = "rebuild it (EmbeddingIndex.build_ann + save, or train/embed.py --approximate) or delete both files"
+    if not (path.is_file() and side.is_file()):
+        raise ValueError(f"{folder}: {ANN} and {ANN_PARAMS} go together, only one is there; {fix}")
+    try:
+        params = json.loads(side.read_text())
+        if not isinstance(params, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ValueError(f"{side} is not a readable FAISS side file ({e}); {fix}") from None
+    try:
+        ann = faiss.read_index(str(path))
+    except RuntimeError:  # faiss reports a bad file as a RuntimeError carrying C++ source paths: not shown
+        raise ValueError(f"{path} is not a readable FAISS index (truncated or not written by faiss); {fix}") from None
+    n, dim = index.embeddings.shape
+    state = folder / STATE
+    want = json.loads(state.read_text()).get("embedding") if state.is_file() else None
+    problems = [f"{what} {got} but the index has {has}" for what, got, has in (
+        ("kind", params.get("kind"), ANN_KIND), ("dim", params.get("dim"), dim), ("FAISS width", ann.d, dim),
+        ("count", params.get("count"), n), ("FAISS rows", ann.ntotal, n)) if got != has]
+    if params.get("ids") != _ids_digest(index.ids):
+        problems.append("it was built for other study ids")
+    if want is not None and params.get("embedding") not in (None, want):
+        problems.append(f"embedding {params.get('embedding')!r} but {STATE} says {want!r}")
+    if problems:
+        raise ValueError(f"{path} does not match the embeddings beside it ({'; '.join(problems)}); {fix}")
+    return ann, {k: v for k, v in params.items() if k != "ids"}
 
 
 class EmbeddingIndex:
@@ -52,8 +89,8 @@ class EmbeddingIndex:
         self._row = {sid: i for i, sid in enumerate(self.ids)}
         if len(self._row) != len(self.ids):
             raise ValueError("study ids in an index must be unique")
-        self.ann = None  # a trained faiss.IndexIVFPQ holding every row (row number = FAISS id), or None
-        self.ann_params: dict | None = None  # how it was built: lists, subquantizers, bits, sample, seed, nprobe, rows
+        self.ann = None  # a trained faiss IVF-SQ8 index holding every row (row number = FAISS id), or None
+        self.ann_params: dict | None = None  # faiss.json: kind, dim, count, embedding, lists, sample, seed, nprobe
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -82,8 +119,9 @@ class EmbeddingIndex:
         return folder
 
     def save_ann(self, folder: str | os.PathLike) -> None:
-        """Write only the FAISS index (``faiss.index``) and its parameters (``faiss.json``) into
-        ``folder``, atomically, beside embeddings.npy/ids.json of the same rows."""
+        """Write only the FAISS index (``faiss.index``) and its side file (``faiss.json``: kind, dim,
+        count, embedding kind, build parameters, a digest of the ids) into ``folder``, atomically,
+        beside embeddings.npy/ids.json of the same rows."""
         import faiss
 
         if self.ann is None:
@@ -96,9 +134,11 @@ class EmbeddingIndex:
         os.replace(folder / f".{ANN_PARAMS}.{tag}", folder / ANN_PARAMS)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, mmap: bool = True) -> "EmbeddingIndex":
-        """Read an index folder (embeddings memory-mapped unless ``mmap=False``), with its FAISS
-        index when that holds exactly these rows (else it is ignored, with a log line)."""
+    def load(cls, folder: str | os.PathLike, mmap: bool = True, approximate: bool = True) -> "EmbeddingIndex":
+        """Read an index folder (embeddings memory-mapped unless ``mmap=False``) and, unless
+        ``approximate=False``, its FAISS index. A FAISS index that cannot be read, or that was built
+        for other rows, another width or another embedding kind than the folder's export.json names,
+        is a ValueError naming the file and the mismatch (rebuild it, or load with approximate=False)."""
         folder = Path(folder)
         if not (folder / EMB).is_file() or not (folder / IDS).is_file():
             raise FileNotFoundError(f"no embedding index in {folder} ({EMB} and {IDS} expected)")
@@ -108,52 +148,47 @@ class EmbeddingIndex:
         if (folder / OLD_IVF).is_file():
             log.info("%s: ignoring %s (inverted lists of an earlier version; approximate search is now FAISS: "
                      "rebuild with build_ann or train/embed.py --approximate)", folder, OLD_IVF)
-        if (folder / ANN).is_file() and (folder / ANN_PARAMS).is_file():
-            import faiss
-
-            params = json.loads((folder / ANN_PARAMS).read_text())
-            ann = faiss.read_index(str(folder / ANN))
-            if params.get("ids") == _ids_digest(index.ids) and ann.ntotal == len(index) and ann.d == emb.shape[1]:
-                index.ann = ann
-                index.ann_params = {k: v for k, v in params.items() if k != "ids"}
-            else:
-                log.info("%s: ignoring %s: it was built for other rows (search is exact until it is rebuilt)", folder, ANN)
+        if approximate and ((folder / ANN).is_file() or (folder / ANN_PARAMS).is_file()):
+            index.ann, index.ann_params = _read_ann(folder, index)
         return index
 
-    def build_ann(self, lists: int | None = None, subquantizers: int | None = None, bits: int = 8, sample: int | None = None,
-                  seed: int = 0, nprobe: int = 16, like=None, chunk: int = 262144) -> None:
-        """Build the approximate FAISS index of every row: IVF-PQ with ``lists`` inverted lists
-        (default about sqrt(n)) and ``subquantizers`` codes of ``bits`` bits per vector (default
-        E/8: 64 bytes at width 512), trained on ``sample`` rows (default 64 per list, at least
-        10,000) drawn with ``seed``, so the same rows give the same index. ``nprobe`` is the default
-        number of lists a search reads. ``like``: an EmbeddingIndex whose trained quantisers are
-        reused (only the rows are added again, keeping its nprobe) when its width matches and it was
-        trained on an index of at least half as many rows. Saved with the index by ``save`` (or alone by ``save_ann``)."""
+    def build_ann(self, lists: int | None = None, sample: int | None = None, seed: int = 0, nprobe: int = NPROBE,
+                  embedding: str | None = None, like=None, chunk: int = 262144) -> None:
+        """Build the approximate FAISS index of every row: IVF-SQ8 (``lists`` inverted lists,
+        default about sqrt(n); each row stored as 8-bit scalar-quantised codes, E bytes), inner
+        product = cosine on the normalised rows. The coarse quantiser is trained on ``sample`` rows
+        (default 40 per list, at least 10,000) drawn with ``seed``, so the same rows give the same
+        index; rows are added ``chunk`` at a time. ``nprobe``: lists a search reads by default.
+        ``embedding``: the embedding kind ("reports"/"findings"), recorded in faiss.json.
+        ``like``: an EmbeddingIndex whose trained index is reused (only the rows are added again,
+        keeping its lists and training) when its width matches and it was trained on at least half as many
+        rows. IVF-SQ8 was chosen by measurement (benchmarks/RESULTS.md, "Approximate search with
+        FAISS"): with this build of faiss-cpu, PQ codes trained and encoded 5-50x slower for no gain
+        in recall after the exact re-scoring. Saved with the index by ``save`` (or alone by ``save_ann``)."""
         import faiss
 
         n, dim = self.embeddings.shape
         if like is not None and like.ann is not None and like.ann.d == dim and 2 * like.ann_params["trained_rows"] >= n:
             ann = faiss.clone_index(like.ann)
             ann.reset()
-            params = dict(like.ann_params)
+            params = {**like.ann_params, "nprobe": int(nprobe), "embedding": embedding or like.ann_params.get("embedding")}
         else:
             lists = int(lists or max(1, round(np.sqrt(n))))
-            m = int(subquantizers or max(1, dim // 8))
-            if dim % m:
-                raise ValueError(f"embedding width {dim} is not a multiple of {m} subquantizers")
-            sample = int(min(n, sample or max(10_000, 64 * lists)))
-            if not 1 <= lists <= sample or n < 2**bits:
-                raise ValueError(f"cannot make {lists} lists and {2**bits}-centroid codes from {n} studies (sample {sample})")
-            ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, m, bits, faiss.METRIC_INNER_PRODUCT)
+            sample = int(min(n, sample or max(10_000, 40 * lists)))
+            if not 1 <= lists <= sample:
+                raise ValueError(f"cannot make {lists} inverted lists from {n} studies (sample {sample}): "
+                                 "give fewer lists or search exactly")
+            ann = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_INNER_PRODUCT)
             ann.cp.seed = seed
-            ann.pq.cp.seed = seed + 1
             rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
             ann.train(np.ascontiguousarray(self.embeddings[rows], dtype=np.float32))
-            params = {"kind": "IVF-PQ", "lists": lists, "subquantizers": m, "bits": bits, "sample": sample, "seed": seed, "trained_rows": n}
+            params = {"kind": ANN_KIND, "dim": dim, "lists": lists, "sample": sample, "seed": seed, "trained_rows": n,
+                      "nprobe": int(nprobe), "embedding": embedding}
         for start in range(0, n, chunk):
             ann.add(np.ascontiguousarray(self.embeddings[start : start + chunk], dtype=np.float32))
         self.ann = ann
-        self.ann_params = {**params, "nprobe": int(params.get("nprobe", nprobe)), "rows": n}
+        self.ann_params = {**params, "count": n}
 
     def vector(self, study_id: str) -> np.ndarray:
         if study_id not in self._row:

@@ -75,7 +75,13 @@ class StudyIndexer:
 
         try:
             manifest = json.loads((self.folder / MANIFEST).read_text())
-            index = EmbeddingIndex.load(self.folder, mmap=False)
+            try:
+                index = EmbeddingIndex.load(self.folder, mmap=False)
+            except ValueError as e:  # an unusable FAISS index costs only its rebuild, not the cache
+                if not any((self.folder / name).exists() for name in ("faiss.index", "faiss.json")):
+                    raise
+                log.warning("embedding cache in %s: approximate index not used (%s); it is rebuilt", self.folder, e)
+                index = EmbeddingIndex.load(self.folder, mmap=False, approximate=False)
         except (OSError, ValueError) as e:
             if self.folder.exists():
                 log.warning("embedding cache in %s not readable (%s); starting empty", self.folder, e)
@@ -100,7 +106,7 @@ class StudyIndexer:
         if ids:
             index = EmbeddingIndex.build(np.stack([self._vectors[i] for i in ids]), ids)
             if approximate and len(index) >= self.approximate_from:  # quantisers reused while not outgrown
-                index.build_ann(nprobe=self.nprobe, like=self._trained)
+                index.build_ann(nprobe=self.nprobe, embedding="reports", like=self._trained)
                 self._trained = index
             self._index = index
         else:
