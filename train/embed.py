@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast precision (default: fp32)")
     p.add_argument("--approximate", action="store_true", help="also build the approximate FAISS index (IVF-SQ8, re-scored exactly) that search then uses (default: off, exact search)")
     p.add_argument("--lists", type=int, default=None, help="inverted lists of the approximate index (default: about sqrt(studies))")
-    p.add_argument("--nprobe", type=int, default=16, help="lists an approximate search reads by default (default: 16)")
+    p.add_argument("--nprobe", type=int, default=16, help="lists an approximate search reads by default (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("batch_size", "chunk", "nprobe") + (("lists",) if args.lists is not None else ()):

@@ -43,17 +43,17 @@ def model_fingerprint(checkpoint: str | os.PathLike, *settings: str) -> str:
 
 class StudyIndexer:
     def __init__(self, datastore, worker, embed_fn, folder: str | os.PathLike, rescan_seconds: float = 30.0, enabled: bool = True,
-                 approximate_from: int | None = None, nprobe: int = 16):
+                 approximate_from: int | None = None, nprobe: int | None = None):
         self.datastore = datastore
         self.worker = worker
         self.embed_fn = embed_fn  # embed_fn(study_entry) -> [E] on the worker thread
         self.folder = Path(folder)
         self.rescan_seconds = rescan_seconds
         self.enabled = enabled
-        from hlip_core.eval.retrieval import APPROXIMATE_FROM
+        from hlip_core.eval.retrieval import APPROXIMATE_FROM, NPROBE
 
         self.approximate_from = APPROXIMATE_FROM if approximate_from is None else approximate_from
-        self.nprobe = nprobe
+        self.nprobe = NPROBE if nprobe is None else nprobe
         self._vectors: dict[str, np.ndarray] = {}
         self._embedded: dict[str, dict] = {}  # study id -> {"signature", "detail"}
         self._failed: dict[str, dict] = {}  # study id -> {"signature", "reason"}
