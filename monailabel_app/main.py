@@ -52,7 +52,8 @@ class HLIPApp(MONAILabelApp):
         self.indexer = StudyIndexer(self._datastore, self.worker,
                                     lambda study: task.embed(study, self._datastore.study_files),
                                     cache / "index" / model_fingerprint(self.hlip_config.checkpoint, self.hlip_config.precision, self.hlip_config.volume_modality),
-                                    rescan_seconds=self.hlip_config.rescan_seconds, enabled=self.hlip_config.index)
+                                    rescan_seconds=self.hlip_config.rescan_seconds, enabled=self.hlip_config.index,
+                                    approximate_from=self.hlip_config.approximate_from, nprobe=self.hlip_config.nprobe)
         self.hlip = HLIPService(self.hlip_config, self._datastore, task, self.worker, self.indexer, self._sessions)
 
     def init_datastore(self) -> Datastore:

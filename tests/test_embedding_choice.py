@@ -118,8 +118,12 @@ def test_embed_manifest_and_train_embed_record_and_use_the_chosen_token(studies,
     assert embed_cli.main(base + ["--out", str(tmp_path / "cli")]) == 0
     assert json.loads((tmp_path / "cli" / "export.json").read_text())["embedding"] == "reports"
     np.testing.assert_allclose(np.asarray(hlip_core.eval.EmbeddingIndex.load(tmp_path / "cli").embeddings, np.float32), t1, atol=2e-3)
-    assert embed_cli.main(base + ["--out", str(tmp_path / "cli0"), "--embedding", "findings"]) == 0
-    np.testing.assert_allclose(np.asarray(hlip_core.eval.EmbeddingIndex.load(tmp_path / "cli0").embeddings, np.float32), t0, atol=2e-3)
+    assert embed_cli.main(base + ["--out", str(tmp_path / "cli0"), "--embedding", "findings", "--approximate", "--lists", "1"]) == 0
+    index = hlip_core.eval.EmbeddingIndex.load(tmp_path / "cli0")
+    np.testing.assert_allclose(np.asarray(index.embeddings, np.float32), t0, atol=2e-3)
+    # --approximate: a FAISS index of every row, recorded with the embedding kind, which search then uses
+    assert index.ann.ntotal == len(index) and index.ann_params["embedding"] == "findings" and index.ann_params["nprobe"] == 16
+    assert index.search(t0[:1], k=1)[0][0][0] == index.ids[0]
 
 
 def test_the_servers_search_index_embeds_with_the_report_token(studies):

@@ -139,29 +139,90 @@ def test_a_prompt_set_keeps_one_phrasing_as_text_and_several_as_an_ensemble(tmp_
     assert b.positive == ("meningioma", "extra-axial mass")
 
 
-def test_approximate_search_finds_what_exact_search_finds_reading_a_fraction(tmp_path):
-    rng = np.random.default_rng(1)
-    centers = rng.standard_normal((200, 64)).astype(np.float32)
-    emb = centers[rng.integers(0, 200, 50_000)] + 0.4 * rng.standard_normal((50_000, 64)).astype(np.float32)
-    ids = [f"s{i}" for i in range(len(emb))]
+def clustered(n: int, dim: int = 64, clusters: int = 200, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    emb = centers[rng.integers(0, clusters, n)] + 0.4 * rng.standard_normal((n, dim)).astype(np.float32)
+    queries = centers[rng.integers(0, clusters, 30)] + 0.4 * rng.standard_normal((30, dim)).astype(np.float32)
+    return emb, queries, [f"s{i}" for i in range(n)]
+
+
+def test_faiss_search_finds_what_exact_search_finds_reading_a_fraction(tmp_path):
+    emb, queries, ids = clustered(20_000)
     index = EmbeddingIndex.build(emb, ids)
-    with pytest.raises(ValueError, match="build_ivf"):
-        index.search(emb[:1], k=10, nprobe=4)
-    index.build_ivf(lists=200, seed=0)
-    index.save(tmp_path / "index")
-    index = EmbeddingIndex.load(tmp_path / "index")
-    assert index.ivf is not None and index.ivf["offsets"][-1] == len(emb)
-    queries = emb[rng.integers(0, len(emb), 30)] + 0.1 * rng.standard_normal((30, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="build_ann"):
+        index.search(queries[:1], k=10, approximate=True)
     exact = index.search(queries, k=10)
-    approx = index.search(queries, k=10, nprobe=8)
+    index.build_ann(lists=100, nprobe=4)
+    assert index.ann.ntotal == len(emb) and index.ann_params["kind"] == "IVF-SQ8"
+    sizes = np.sort([index.ann.invlists.list_size(i) for i in range(100)])
+    assert sizes[-4:].sum() < 0.15 * len(emb)  # 4 lists are a small part of the index
+    approx = index.search(queries, k=10)  # the FAISS index is used once built
     recall = np.mean([len({a for a, _ in x} & {e for e, _ in y}) / 10 for x, y in zip(approx, exact)])
-    assert recall >= 0.9, f"recall@10 of the approximate search {recall:.2f}"
-    sizes = np.diff(index.ivf["offsets"])
-    assert np.sort(sizes)[-8:].sum() < 0.2 * len(emb)  # 8 lists are a small part of the index
-    assert index.search(queries[:1], k=3, nprobe=8, exclude=[approx[0][0][0]])[0][0][0] != approx[0][0][0]
-    # saving the index without lists removes stale ones
+    assert recall >= 0.95, f"recall@10 of the approximate search {recall:.2f}"
+    for x, y in zip(approx, exact):  # re-scored exactly: the same cosines
+        want = dict(y)
+        assert all(abs(s - want[sid]) < 1e-6 for sid, s in x if sid in want)
+    assert index.search(queries, k=10, approximate=False) == exact
+    one = index.search(queries[:1], k=3, exclude=[approx[0][0][0]])[0]
+    assert len(one) == 3 and approx[0][0][0] not in {sid for sid, _ in one}
+    assert index.search(queries[:1], k=50_000)[0][0] == approx[0][0]  # k past the row count: every row it finds
+
+
+def test_the_faiss_index_is_saved_with_its_side_file_and_loads_back(tmp_path):
+    emb, queries, ids = clustered(5_000)
+    index = EmbeddingIndex.build(emb, ids)
+    index.build_ann(lists=40, nprobe=8, embedding="reports")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "ivf.npz").write_bytes(b"old")  # inverted lists of an earlier version: removed
+    index.save(tmp_path / "index")
+    assert not (tmp_path / "index" / "ivf.npz").exists()
+    side = json.loads((tmp_path / "index" / "faiss.json").read_text())
+    assert {k: side[k] for k in ("kind", "dim", "count", "embedding", "lists", "nprobe")} == \
+        {"kind": "IVF-SQ8", "dim": 64, "count": 5_000, "embedding": "reports", "lists": 40, "nprobe": 8}
+    loaded = EmbeddingIndex.load(tmp_path / "index")
+    assert loaded.ann is not None and loaded.ann.ntotal == 5_000 and loaded.ann_params["nprobe"] == 8
+    assert loaded.search(queries, k=5) == index.search(queries, k=5)
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["embeddings.npy", "faiss.index", "faiss.json", "ids.json"]
+    # the same rows again, without a FAISS index: the stale one is removed, not kept beside other rows
     EmbeddingIndex.build(emb[:100], ids[:100]).save(tmp_path / "index")
-    assert EmbeddingIndex.load(tmp_path / "index").ivf is None
+    assert EmbeddingIndex.load(tmp_path / "index").ann is None and not (tmp_path / "index" / "faiss.index").exists()
+
+
+def test_a_corrupt_or_mismatched_faiss_index_is_refused_by_name(tmp_path):
+    import shutil
+
+    emb, _, ids = clustered(3_000)
+    index = EmbeddingIndex.build(emb, ids)
+    index.build_ann(lists=20, embedding="findings")
+    good = index.save(tmp_path / "good")
+    (good / "export.json").write_text(json.dumps({"embedding": "findings"}))
+    assert EmbeddingIndex.load(good).ann is not None
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        with pytest.raises(ValueError) as e:
+            EmbeddingIndex.load(folder)
+        assert EmbeddingIndex.load(folder, approximate=False).ann is None  # the rows stay usable
+        return str(e.value)
+
+    data = (good / "faiss.index").read_bytes()
+    msg = variant("truncated", lambda f: (f / "faiss.index").write_bytes(data[: len(data) // 2]))
+    assert "faiss.index is not a readable FAISS index" in msg and "rebuild" in msg and ".cpp" not in msg
+    assert "not a readable FAISS index" in variant("garbage", lambda f: (f / "faiss.index").write_bytes(b"\0" * 100))
+    assert "faiss.json is not a readable" in variant("side", lambda f: (f / "faiss.json").write_text("{"))
+    assert "only one is there" in variant("alone", lambda f: (f / "faiss.json").unlink())
+    def other_rows(folder):  # the FAISS files of 3,000 rows beside 2,000 others
+        EmbeddingIndex.build(emb[:2_000] + 1, ids[1_000:]).save(folder)
+        for name in ("faiss.index", "faiss.json"):
+            shutil.copy(good / name, folder / name)
+
+    msg = variant("rows", other_rows)
+    assert "does not match the embeddings beside it" in msg and "count 3000 but the index has 2000" in msg and "other study ids" in msg
+    msg = variant("kind", lambda f: (f / "export.json").write_text(json.dumps({"embedding": "reports"})))
+    assert "embedding 'findings' but export.json says 'reports'" in msg
 
 
 def test_relevance_of_every_finding_from_one_pass_equals_a_full_backward_per_finding():

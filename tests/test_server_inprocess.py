@@ -360,6 +360,23 @@ def test_search_similar_and_the_list_of_studies(server):
     assert similar["query"] == "dicom1" and sorted(r["study_id"] for r in similar["results"]) == ["nifti1", "nifti2"]
 
 
+def test_search_reads_a_faiss_index_from_approximate_from_studies_with_the_exact_answer(server):
+    client, indexer = server["client"], server["service"].indexer
+    exact = client.get("/hlip/search", params={"text": "mass effect", "k": 10}).json()["results"]
+    similar = client.get("/hlip/similar", params={"study": "nifti1", "k": 5}).json()["results"]
+    saved = indexer.approximate_from
+    try:
+        indexer.approximate_from = 3  # as --conf approximate_from 3 would (the conf's floor is 256 studies)
+        indexer._save()
+        assert indexer._index.ann is not None and (indexer.folder / "faiss.index").is_file()
+        assert client.get("/hlip/search", params={"text": "mass effect", "k": 10}).json()["results"] == exact
+        assert client.get("/hlip/similar", params={"study": "nifti1", "k": 5}).json()["results"] == similar
+    finally:
+        indexer.approximate_from = saved
+        indexer._save()
+    assert indexer._index.ann is None and not (indexer.folder / "faiss.index").exists()
+
+
 def test_a_full_queue_answers_503_with_retry_after(server):
     client, worker = server["client"], server["service"].worker
     gate = threading.Event()

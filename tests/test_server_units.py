@@ -34,6 +34,9 @@ def test_settings_come_from_conf_strings(tmp_path):
     assert cfg.heatmaps is False and cfg.max_upload_bytes == 3 * 1024 * 1024 and cfg.cache_dir == tmp_path / "c"
     default = HLIPConfig.from_conf({"checkpoint": str(tmp_path / "ckpt")}, "studies")
     assert default.findings == DEFAULT_FINDINGS and default.volume_modality == "auto" and default.device == "cpu"
+    assert (default.approximate_from, default.nprobe) == (2_000_000, 16)  # exact search below 2M studies
+    approx = HLIPConfig.from_conf({"checkpoint": str(tmp_path / "ckpt"), "approximate_from": "300000", "nprobe": "32"}, "studies")
+    assert (approx.approximate_from, approx.nprobe) == (300_000, 32)
     assert HLIPConfig.from_conf({"checkpoint": str(tmp_path / "ckpt"), "volume_modality": "ct", "device": "cuda:1"},
                                 "studies").volume_modality == "CT"
 
@@ -50,6 +53,8 @@ def test_settings_come_from_conf_strings(tmp_path):
     ({"checkpoint": "CKPT", "volume_modality": "MRI"}, "volume_modality must be \"auto\" or a DICOM modality code"),
     ({"checkpoint": "CKPT", "findings": "mass effect;" + "x" * 301}, "--conf findings: finding 1 is 301 characters long"),
     ({"checkpoint": "CKPT", "max_findings": "2"}, "--conf findings lists 8 findings; --conf max_findings is 2"),
+    ({"checkpoint": "CKPT", "approximate_from": "10"}, "--conf approximate_from must be between 256"),
+    ({"checkpoint": "CKPT", "nprobe": "many"}, "--conf nprobe must be a whole number"),
 ])
 def test_bad_settings_are_named(tmp_path, conf, words):
     (tmp_path / "ckpt").mkdir()
@@ -247,6 +252,29 @@ def test_the_cache_fills_persists_and_survives_a_restart(folder_store, tmp_path,
     restarted._fill()
     assert embed2.calls == [] and restarted.counts()["indexed"] == 3 and restarted.counts()["failed"] == 1
     np.testing.assert_allclose(restarted.vector("s2"), index.vector("s2"), atol=2e-3)  # stored as float16
+
+
+def test_from_approximate_from_studies_the_cache_keeps_a_faiss_index_and_rebuilds_a_corrupt_one(folder_store, tmp_path, worker, caplog):
+    root, store = folder_store
+    folder = tmp_path / "cache" / "index" / "m1"
+    index = StudyIndexer(store, worker, FakeEmbedder(), folder, approximate_from=4, nprobe=2)
+    store.refresh()
+    index._fill()
+    assert index._index.ann is not None and index._index.ann.ntotal == 4
+    side = json.loads((folder / "faiss.json").read_text())
+    assert (side["count"], side["embedding"], side["nprobe"]) == (4, "reports", 2)
+    hits = index.search(index.vector("s2")[None], 2)[0]
+    assert hits[0][0] == "s2" and hits[0][1] > 0.999
+
+    (folder / "faiss.index").write_bytes(b"\0" * 64)  # a damaged file: the cache is kept, the FAISS index rebuilt
+    restarted = StudyIndexer(StudyFolderDatastore(str(root), tmp_path / "cache"), worker, FakeEmbedder(), folder, approximate_from=4)
+    assert "approximate index not used" in caplog.text and "not a readable FAISS index" in caplog.text
+    assert restarted.counts()["indexed"] == 4 and restarted._index.ann is not None
+    assert restarted.search(index.vector("s2")[None], 2)[0] == hits
+    below = StudyIndexer(StudyFolderDatastore(str(root), tmp_path / "cache"), worker, FakeEmbedder(), folder, approximate_from=5)
+    assert below._index.ann is None  # fewer studies than approximate_from: exact search
+    below._save()
+    assert not (folder / "faiss.index").exists() and not (folder / "faiss.json").exists()
 
 
 def test_changed_studies_are_embedded_again_and_removed_ones_dropped(folder_store, tmp_path, worker):

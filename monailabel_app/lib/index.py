@@ -1,7 +1,8 @@
 """The datastore's embedding cache: every study embedded once, in the background, kept on disk.
 
 Folder layout (``<cache>/index/<model fingerprint>/``): ``embeddings.npy`` + ``ids.json``
-(``hlip_core.eval.EmbeddingIndex``) and ``embedded.json``, which says for each study what was
+(``hlip_core.eval.EmbeddingIndex``; from ``approximate_from`` studies on also its FAISS index,
+``faiss.index`` + ``faiss.json``, rebuilt at each save) and ``embedded.json``, which says for each study what was
 embedded (its signature and the files with their mtimes, or the series with their instance counts)
 and which studies could not be used and why. A study is embedded again only when its signature
 changes; a new checkpoint starts a new folder. Writes are atomic (rename into place), so a kill at
@@ -41,17 +42,23 @@ def model_fingerprint(checkpoint: str | os.PathLike, *settings: str) -> str:
 
 
 class StudyIndexer:
-    def __init__(self, datastore, worker, embed_fn, folder: str | os.PathLike, rescan_seconds: float = 30.0, enabled: bool = True):
+    def __init__(self, datastore, worker, embed_fn, folder: str | os.PathLike, rescan_seconds: float = 30.0, enabled: bool = True,
+                 approximate_from: int | None = None, nprobe: int | None = None):
         self.datastore = datastore
         self.worker = worker
         self.embed_fn = embed_fn  # embed_fn(study_entry) -> [E] on the worker thread
         self.folder = Path(folder)
         self.rescan_seconds = rescan_seconds
         self.enabled = enabled
+        from hlip_core.eval.retrieval import APPROXIMATE_FROM, NPROBE
+
+        self.approximate_from = APPROXIMATE_FROM if approximate_from is None else approximate_from
+        self.nprobe = NPROBE if nprobe is None else nprobe
         self._vectors: dict[str, np.ndarray] = {}
         self._embedded: dict[str, dict] = {}  # study id -> {"signature", "detail"}
         self._failed: dict[str, dict] = {}  # study id -> {"signature", "reason"}
         self._index = None  # EmbeddingIndex of _vectors at the last save: what searches read
+        self._trained = None  # the last EmbeddingIndex with a FAISS index, whose quantisers a rebuild reuses
         self._dirty = False
         self._current: str | None = None
         self._spent = [0, 0.0]  # studies embedded by this process, seconds the worker spent on them
@@ -68,7 +75,13 @@ class StudyIndexer:
 
         try:
             manifest = json.loads((self.folder / MANIFEST).read_text())
-            index = EmbeddingIndex.load(self.folder, mmap=False)
+            try:
+                index = EmbeddingIndex.load(self.folder, mmap=False)
+            except ValueError as e:  # an unusable FAISS index costs only its rebuild, not the cache
+                if not any((self.folder / name).exists() for name in ("faiss.index", "faiss.json")):
+                    raise
+                log.warning("embedding cache in %s: approximate index not used (%s); it is rebuilt", self.folder, e)
+                index = EmbeddingIndex.load(self.folder, mmap=False, approximate=False)
         except (OSError, ValueError) as e:
             if self.folder.exists():
                 log.warning("embedding cache in %s not readable (%s); starting empty", self.folder, e)
@@ -79,21 +92,29 @@ class StudyIndexer:
                 self._vectors[sid] = rows[sid]
                 self._embedded[sid] = entry
         self._failed = manifest.get("failed", {})
+        self._trained = index  # its FAISS quantisers are reused by the rebuild
         self._rebuild()
         log.info("embedding cache: %d studies loaded from %s", len(self._vectors), self.folder)
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, approximate: bool = True) -> None:
+        """Make the index searches read from the vectors; with ``approximate`` and from
+        ``approximate_from`` studies on, with a FAISS index (saves during a fill skip it: until the
+        fill ends, the new rows are searched exactly)."""
         from hlip_core.eval import EmbeddingIndex
 
         ids = sorted(self._vectors)
         if ids:
-            self._index = EmbeddingIndex.build(np.stack([self._vectors[i] for i in ids]), ids)
+            index = EmbeddingIndex.build(np.stack([self._vectors[i] for i in ids]), ids)
+            if approximate and len(index) >= self.approximate_from:  # quantisers reused while not outgrown
+                index.build_ann(nprobe=self.nprobe, embedding="reports", like=self._trained)
+                self._trained = index
+            self._index = index
         else:
             self._index = None
 
-    def _save(self) -> None:
+    def _save(self, approximate: bool = True) -> None:
         with self._lock:
-            self._rebuild()
+            self._rebuild(approximate)
             index = self._index
             manifest = {"studies": {k: self._embedded[k] for k in sorted(self._vectors)}, "failed": dict(self._failed)}
             self._dirty = False
@@ -101,7 +122,7 @@ class StudyIndexer:
         if index is not None:
             index.save(self.folder)
         else:
-            for name in ("embeddings.npy", "ids.json"):
+            for name in ("embeddings.npy", "ids.json", "faiss.index", "faiss.json"):
                 (self.folder / name).unlink(missing_ok=True)
         tmp = self.folder / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(manifest))
@@ -209,7 +230,7 @@ class StudyIndexer:
                 self._failed.pop(study.study_id, None)
                 self._dirty = True
             if time.monotonic() - last_save > SAVE_EVERY_SECONDS:
-                self._save()
+                self._save(approximate=False)
                 last_save = time.monotonic()
         if self._dirty:
             self._save()

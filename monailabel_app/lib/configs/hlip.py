@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hlip_core.data.limits import DEFAULT_MAX_VOXELS
+from hlip_core.eval.retrieval import APPROXIMATE_FROM, NPROBE
 
 DEFAULT_FINDINGS = [
     "intracranial hemorrhage",
@@ -82,6 +83,8 @@ class HLIPConfig:
     max_findings: int = 32  # per request (each finding costs one backward pass for its heat map)
     threads: int = 1  # torch intra-op threads of the inference worker
     index: bool = True  # keep the datastore's embedding cache filled in the background
+    approximate_from: int = APPROXIMATE_FROM  # cached studies from which search uses a FAISS index (else exact)
+    nprobe: int = NPROBE  # inverted lists an approximate search reads
     rescan_seconds: float = 30.0  # how often the datastore is checked for new or changed studies
     prepared_cache: int = 4  # studies kept loaded and preprocessed in memory
     volume_modality: str = "auto"  # modality of NIfTI/NRRD/MHA volumes that do not say theirs ("auto": CT if it holds HU)
@@ -91,8 +94,8 @@ class HLIPConfig:
     @classmethod
     def from_conf(cls, conf: dict, studies: str) -> "HLIPConfig":
         known = {"checkpoint", "cache_dir", "device", "precision", "findings", "heatmaps", "max_upload_mb", "max_queue",
-                 "max_findings", "threads", "index", "rescan_seconds", "prepared_cache", "volume_modality", "server_mode",
-                 "cors_origins", "max_voxels", "sessions_max_bytes"}
+                 "max_findings", "threads", "index", "approximate_from", "nprobe", "rescan_seconds", "prepared_cache", "volume_modality",
+                 "server_mode", "cors_origins", "max_voxels", "sessions_max_bytes"}
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ValueError(f"unknown --conf key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'server_mode'}))}")
@@ -120,6 +123,8 @@ class HLIPConfig:
             max_findings=_int(conf.get("max_findings", 32), "max_findings", 1, 1000),
             threads=_int(conf.get("threads", max(1, min(8, (os.cpu_count() or 2) // 2))), "threads", 1, 256),
             index=_bool(conf.get("index", True), "index"),
+            approximate_from=_int(conf.get("approximate_from", APPROXIMATE_FROM), "approximate_from", 256, 10**12),
+            nprobe=_int(conf.get("nprobe", NPROBE), "nprobe", 1, 1 << 20),
             rescan_seconds=_float(conf.get("rescan_seconds", 30.0), "rescan_seconds", 0.1, 86400),
             prepared_cache=_int(conf.get("prepared_cache", 4), "prepared_cache", 0, 1000),
             volume_modality=modality_code(conf.get("volume_modality", "auto"), "--conf volume_modality"),
