@@ -239,7 +239,7 @@ def test_train_probe_splits_by_a_manifest_field_and_writes_beside_the_checkpoint
     assert json.loads(results.read_text())["findings"]["lesion"]["studies"] == 10
 
 
-def test_train_probe_refuses_bad_input_with_a_clear_message(lesion_data, tmp_path):
+def test_train_probe_refuses_bad_input_with_a_clear_message(lesion_data, tmp_path, capsys):
     common = ["--checkpoint", str(lesion_data["checkpoint"]), "--bootstrap", "10"]
     with pytest.raises(ValueError, match="no study of the manifest has a label for"):
         probe_cli.main(common + ["--data", str(lesion_data["train"]), "--findings", "oedema"])
@@ -253,5 +253,36 @@ def test_train_probe_refuses_bad_input_with_a_clear_message(lesion_data, tmp_pat
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "probe.py"), *common, "--data", str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "probe: no manifest at" in proc.stderr and "Traceback" not in proc.stderr
-    help_text = subprocess.run([sys.executable, str(ROOT / "train" / "probe.py"), "--help"], capture_output=True, text=True, timeout=120)
-    assert help_text.returncode == 0 and "--held-out-data" in help_text.stdout
+    with pytest.raises(SystemExit) as done:
+        probe_cli.parse_args(["--help"])
+    assert done.value.code == 0 and "--held-out-data" in capsys.readouterr().out
+
+
+# -- the server's --conf probe ------------------------------------------------------------------
+
+
+def test_the_server_refuses_a_probe_it_cannot_use_and_says_why(lesion_data, tmp_path):
+    from hlip_core.inference import StudyPredictor
+    from monailabel_app.lib.configs import HLIPConfig
+    from monailabel_app.lib.infers.hlip_findings import load_probe, probe_info
+
+    checkpoint = lesion_data["checkpoint"]
+    conf = {"checkpoint": str(checkpoint), "cache_dir": str(tmp_path / "cache")}
+    assert HLIPConfig.from_conf(conf, "studies").probe is None
+    with pytest.raises(ValueError, match="--conf probe .*no such probe file"):
+        HLIPConfig.from_conf({**conf, "probe": str(tmp_path / "missing.json")}, "studies")
+    predictor = StudyPredictor.load(checkpoint)
+    dim = int(predictor.model.config["embed_dim"])
+    rng = np.random.default_rng(0)
+    right = LinearProbe(["mass"], rng.normal(size=(1, dim)), np.zeros(1), "findings", checkpoint_fingerprint(checkpoint))
+    cases = {"another checkpoint": LinearProbe(["mass"], right.weights, right.bias, "findings", "0" * 64),
+             f"width {dim + 1}; this model's are {dim}": LinearProbe(["mass"], rng.normal(size=(1, dim + 1)), np.zeros(1), "findings",
+                                                                    right.fingerprint)}
+    for message, probe in cases.items():
+        config = HLIPConfig.from_conf({**conf, "probe": str(probe.save(tmp_path / "bad.probe.json"))}, "studies")
+        with pytest.raises(ValueError, match=f"--conf probe: .*{message}"):
+            load_probe(config, predictor)
+    config = HLIPConfig.from_conf({**conf, "probe": str(right.save(tmp_path / "right.probe.json"))}, "studies")
+    loaded = load_probe(config, predictor)
+    assert loaded.names == ["mass"] and probe_info(loaded)["held_out_macro_auc"] is None  # no NaN in a JSON answer
+    assert probe_info(None) is None
