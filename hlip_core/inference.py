@@ -72,6 +72,7 @@ class StudyResult:
     findings: list[FindingResult]
     heatmaps: dict = field(default_factory=dict)  # finding -> SimpleITK image on its driving scan
     all_heatmaps: dict = field(default_factory=dict)  # finding -> {scan_id: SimpleITK image}
+    embedding: np.ndarray | None = None  # the study's normalised findings embedding [E] (token 0) the scores came from
 
 
 class StudyPredictor:
@@ -176,7 +177,7 @@ class StudyPredictor:
             drivers[f.name] = k
             results.append(FindingResult(f.name, float(scores["probability"][0, j]), float(scores["score"][0, j]),
                                          study.scans[k].scan_id, study.scans[k].description))
-        out = StudyResult(study.study_id, results)
+        out = StudyResult(study.study_id, results, embedding=z)
         if heatmaps:
             for j, f in enumerate(items):
                 per_scan = {s.scan_id: self._to_scan(maps[j, i], s) for i, s in enumerate(study.scans)}

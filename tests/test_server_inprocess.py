@@ -75,6 +75,20 @@ class Audit:
 AUDIT = Audit()
 
 
+PROBE_FINDINGS = ["mass", "haemorrhage"]
+
+
+def write_probe(checkpoint: Path, path: Path) -> Path:
+    """A linear probe for ``checkpoint`` (random weights: the server's wiring is what is tested)."""
+    from hlip_core.eval.probe import LinearProbe, checkpoint_fingerprint
+
+    dim = int(json.loads((checkpoint / "config.json").read_text())["config"]["embed_dim"])
+    rng = np.random.default_rng(0)
+    probe = LinearProbe(list(PROBE_FINDINGS), rng.normal(size=(2, dim)) * 3, np.array([0.1, -0.2]), "findings",
+                        checkpoint_fingerprint(checkpoint), {"infarct": "one class in training"}, {"held_out": {"macro_auc": 0.75}})
+    return probe.save(path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     require_ingestion()
@@ -91,10 +105,11 @@ def server(tmp_path_factory):
     write_report_only_study(studies / "reportonly")
     (tmp / "secret.nii.gz").write_bytes((studies / "nifti1" / "scan0.nii.gz").read_bytes())  # a file no id may reach
     cache = tmp / "cache"
+    probe = write_probe(checkpoint, tmp / "ckpt.probe.json")
     saved = (settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_APP_CONF)
     settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(APP_DIR), str(studies)
     settings.MONAI_LABEL_APP_CONF = {"checkpoint": str(checkpoint), "cache_dir": str(cache), "max_upload_mb": "2",
-                                     "max_queue": str(MAX_QUEUE), "rescan_seconds": "1", "threads": "1"}
+                                     "max_queue": str(MAX_QUEUE), "rescan_seconds": "1", "threads": "1", "probe": str(probe)}
     import monailabel_app.asgi  # noqa: F401  (installs the HLIP routes on MONAI Label's app)
     from monailabel.app import app
 
@@ -107,7 +122,8 @@ def server(tmp_path_factory):
             while service.indexer.counts()["indexed"] < 3 or service.indexer.counts()["pending"]:
                 assert time.monotonic() < deadline, f"the embedding cache did not fill: {service.status()}"
                 time.sleep(0.2)
-            yield {"client": client, "service": service, "studies": studies, "cache": cache, "tmp": tmp, "t1": t1}
+            yield {"client": client, "service": service, "studies": studies, "cache": cache, "tmp": tmp, "t1": t1,
+                   "checkpoint": checkpoint, "probe": probe}
     finally:
         settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES, settings.MONAI_LABEL_APP_CONF = saved
 
@@ -143,6 +159,33 @@ def test_findings_for_a_study_or_any_of_its_images(server):
     by_image = infer(client, "1.2.826.0.1.7.1.2", {"findings": FINDINGS}, as_json=True)  # JSON body instead of the form
     assert by_image.status_code == 200
     assert [f["probability"] for f in by_image.json()["findings"]] == [f["probability"] for f in answer["findings"]]
+
+
+def test_info_names_the_probes_findings(server):
+    probe = server["client"].get("/info/").json()["models"]["hlip_findings"]["config"]["probe"]
+    assert probe == {"findings": PROBE_FINDINGS, "skipped": {"infarct": "one class in training"}, "embedding": "findings",
+                     "held_out_macro_auc": 0.75}
+
+
+def test_the_findings_answer_carries_the_probes_probabilities_beside_zero_shot(server):
+    from hlip_core.data import load_study
+    from hlip_core.eval.probe import LinearProbe
+    from hlip_core.inference import StudyPredictor
+
+    client = server["client"]
+    answers = {sid: infer(client, sid, {"findings": FINDINGS}).json() for sid in ("nifti1", "nifti2")}
+    predictor, probe = StudyPredictor.load(server["checkpoint"]), LinearProbe.load(server["probe"])
+    for sid, answer in answers.items():
+        assert [f["finding"] for f in answer["findings"]] == FINDINGS  # zero-shot rows as asked
+        assert answer["probe"]["kind"] == "linear probe" and answer["probe"]["embedding"] == "findings"
+        assert [f["finding"] for f in answer["probe"]["findings"]] == PROBE_FINDINGS  # the probe's own findings
+        files = sorted(str(f) for f in (server["studies"] / sid).iterdir())
+        z = predictor.embed(predictor.prepare(load_study(files, volume_modality="auto")), embedding="findings")
+        expected = probe.probabilities(z)[0]
+        assert np.allclose([f["probability"] for f in answer["probe"]["findings"]], expected, atol=1e-4), (sid, expected)
+    assert answers["nifti1"]["probe"] != answers["nifti2"]["probe"]
+    again = infer(client, "nifti1", {"findings": FINDINGS}).json()  # from memory: the same probe part
+    assert again["probe"] == answers["nifti1"]["probe"]
 
 
 def test_default_findings_are_used_when_none_are_asked(server):

@@ -90,12 +90,13 @@ class HLIPConfig:
     volume_modality: str = "auto"  # modality of NIfTI/NRRD/MHA volumes that do not say theirs ("auto": CT if it holds HU)
     max_voxels: int = DEFAULT_MAX_VOXELS  # per volume (and 4 bytes each of voxel data); see hlip_core.data.limits
     sessions_max_bytes: int = 4 << 30  # all upload sessions together on disk; past it the oldest expire
+    probe: Path | None = None  # a linear probe of train/probe.py: its probabilities join the findings answer
 
     @classmethod
     def from_conf(cls, conf: dict, studies: str) -> "HLIPConfig":
         known = {"checkpoint", "cache_dir", "device", "precision", "findings", "heatmaps", "max_upload_mb", "max_queue",
                  "max_findings", "threads", "index", "approximate_from", "nprobe", "rescan_seconds", "prepared_cache", "volume_modality",
-                 "server_mode", "cors_origins", "max_voxels", "sessions_max_bytes"}
+                 "server_mode", "cors_origins", "max_voxels", "sessions_max_bytes", "probe"}
         unknown = sorted(set(conf) - known)
         if unknown:
             raise ValueError(f"unknown --conf key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'server_mode'}))}")
@@ -110,6 +111,11 @@ class HLIPConfig:
         else:  # one cache per datastore, beside MONAI Label's own ~/.cache/monailabel
             tag = hashlib.sha256(studies.encode()).hexdigest()[:12]
             cache_dir = Path.home() / ".cache" / "hlip" / "server" / tag
+        probe = None
+        if conf.get("probe"):
+            probe = Path(conf["probe"]).expanduser().resolve()
+            if not probe.is_file():
+                raise ValueError(f"--conf probe {probe}: no such probe file (write one with train/probe.py)")
         findings = [f.strip() for f in conf.get("findings", "").split(";") if f.strip()] or list(DEFAULT_FINDINGS)
         cfg = cls(
             checkpoint=checkpoint,
@@ -130,6 +136,7 @@ class HLIPConfig:
             volume_modality=modality_code(conf.get("volume_modality", "auto"), "--conf volume_modality"),
             max_voxels=_int(conf.get("max_voxels", DEFAULT_MAX_VOXELS), "max_voxels", 1, 1 << 40),
             sessions_max_bytes=_int(conf.get("sessions_max_bytes", 4 << 30), "sessions_max_bytes", 1 << 20, 1 << 50),
+            probe=probe,
         )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"--conf precision must be fp32 or bf16, got {cfg.precision!r}")

@@ -62,12 +62,16 @@ class HLIPFindings(InferTask):
     def __init__(self, config: HLIPConfig):
         from hlip_core.inference import StudyPredictor
 
+        predictor = StudyPredictor.load(config.checkpoint, device=config.device, precision=config.precision)
+        probe = load_probe(config, predictor) if config.probe is not None else None
         super().__init__(type="hlip_findings", labels=list(config.findings), dimension=3, description=DESCRIPTION,
                          config={"heatmaps": config.heatmaps, "max_findings": config.max_findings,
                                  "heatmap_format": list(HEATMAP_FORMATS), "heatmap_scans": list(HEATMAP_SCANS),
-                                 "heatmap_encoding": "uint8 NIfTI-1 (.nii.gz) with scl_slope/scl_inter: readers see float values"})
+                                 "heatmap_encoding": "uint8 NIfTI-1 (.nii.gz) with scl_slope/scl_inter: readers see float values",
+                                 "probe": probe_info(probe)})
         self.conf = config
-        self.predictor = StudyPredictor.load(config.checkpoint, device=config.device, precision=config.precision)
+        self.predictor = predictor
+        self.probe = probe  # a hlip_core.eval.probe.LinearProbe, or None
         self.prepared = LRU(config.prepared_cache)  # (study id, signature) -> PreparedStudy
         self.answers = LRU(8192)  # (study id, signature, finding) -> finding's JSON (without heat map)
         self.studies = LRU(1024)  # (study id, signature) -> {"scans": what the model read, "skipped": what it could not use}
@@ -120,10 +124,13 @@ class HLIPFindings(InferTask):
         every scan's (``heatmaps``: {scan_id: part name}). Maps are ``quantised_nifti`` files."""
         prepared = self.prepare(study, files_of)
         result = self.predictor.predict(prepared, findings, heatmaps=heatmaps)
+        probe = self.probe_answer(result.embedding)
         scans = [{"scan_id": sc.scan_id, "image_id": _image_id_of(sc, study), "description": sc.description, "modality": sc.modality}
                  for sc in prepared.scans]
         by_id = {sc["scan_id"]: sc for sc in scans}
         about = {"scans": scans, "skipped": [str(s) for s in prepared.skipped]}
+        if probe is not None:
+            about["probe"] = probe
         if not study.temporary:
             self.studies.put((study.study_id, study.signature), about)
         rows, parts = [], []
@@ -155,8 +162,22 @@ class HLIPFindings(InferTask):
         about = self.studies.get_item((study.study_id, study.signature))
         if about is None or any(r is None for r in rows):
             return None
-        return {"study_id": study.study_id, "findings": [dict(r) for r in rows], "scans": [dict(s) for s in about["scans"]],
-                "skipped": list(about["skipped"])}
+        answer = {"study_id": study.study_id, "findings": [dict(r) for r in rows], "scans": [dict(s) for s in about["scans"]],
+                  "skipped": list(about["skipped"])}
+        if "probe" in about:
+            answer["probe"] = {**about["probe"], "findings": [dict(r) for r in about["probe"]["findings"]]}
+        return answer
+
+    def probe_answer(self, embedding) -> dict | None:
+        """The linear probe's part of a findings answer for a study's findings embedding [E]:
+        {"kind": "linear probe", "embedding", "findings": [{"finding", "probability"}] in the
+        probe's order}; None without --conf probe. Apart from the zero-shot rows: the probe answers
+        its own fixed findings, whatever the request asked."""
+        if self.probe is None:
+            return None
+        p = self.probe.probabilities(np.asarray(embedding)[None])[0]
+        return {"kind": "linear probe", "embedding": self.probe.embedding,
+                "findings": [{"finding": n, "probability": float(v)} for n, v in zip(self.probe.names, p)]}
 
     # -- MONAI Label's own entry (batch infer, the ``monailabel`` CLI) ---------------------------------
 
@@ -166,6 +187,29 @@ class HLIPFindings(InferTask):
         # MONAI Label would hand over one image file; findings are for whole studies, on the worker
         raise MONAILabelException(MONAILabelError.INVALID_INPUT, "hlip_findings scores whole studies: use "
                                   "POST /infer/hlip_findings?image=<image or study id> (or session_id=<upload session>)")
+
+
+def load_probe(config: HLIPConfig, predictor):
+    """The LinearProbe of ``--conf probe``, checked against the served checkpoint (its weights'
+    fingerprint and embedding width); raises ValueError saying what does not match."""
+    from hlip_core.eval.probe import LinearProbe, checkpoint_fingerprint
+
+    try:
+        return LinearProbe.load(config.probe, fingerprint=checkpoint_fingerprint(config.checkpoint),
+                                embed_dim=int(predictor.model.config["embed_dim"]))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--conf probe: {e}") from None
+
+
+def probe_info(probe) -> dict | None:
+    """What /info/ says of the probe: its findings, the ones it skipped and why, its embedding and
+    its held-out macro AUC (as train/probe.py measured it); None without one."""
+    if probe is None:
+        return None
+    macro = (probe.info.get("held_out") or {}).get("macro_auc")
+    finite = isinstance(macro, (int, float)) and np.isfinite(macro)  # JSON answers carry no NaN
+    return {"findings": list(probe.names), "skipped": dict(probe.skipped), "embedding": probe.embedding,
+            "held_out_macro_auc": float(macro) if finite else None}
 
 
 def quantised_nifti(image, tmp: Path) -> bytes:
