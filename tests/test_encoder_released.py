@@ -276,3 +276,16 @@ def test_the_full_size_rope_model_has_the_released_keys():
     for key in ("visual.trunk.spatial_posemb", "visual.trunk.blocks.11.attn.qkv.weight", "visual.head.proj.weight"):
         assert key in sd
     assert not any("rope" in k or "freq" in k for k in sd)
+
+
+def test_rope_under_bf16_autocast_is_close_to_fp32():
+    """Under CPU bf16 autocast the angles and the turn are computed in float32 (only the linear
+    layers run in bf16), so the feature stays close to the fp32 one."""
+    trunk = released_trunk(ODD, rope=ROPE).float()
+    x = torch.rand(2, 2, 1, 16, 32, 32)
+    with torch.no_grad():
+        ref = trunk(x)
+        with hlip_core.model.autocast("cpu", "bf16"):
+            low = trunk(x)
+    assert low.dtype == torch.bfloat16
+    assert (F.cosine_similarity(ref, low.float(), dim=-1) > 0.99).all()
