@@ -184,13 +184,20 @@ def test_dual_model_tokens_heads_and_temperatures():
         torch.testing.assert_close(model.encode_study_for_reports(x), z[:, 1])
 
 
-def test_heat_maps_for_both_tokens_have_the_right_shapes_and_differ():
+def perturbed_model(name):
+    """A small model of configuration ``name`` (eval mode) with every learned visual weight moved off
+    its initialisation, so heat maps have structure."""
     torch.manual_seed(0)
-    model = hlip_core.create_model("tiny_multiscan_h2_dualdinotxt").eval()
+    model = hlip_core.create_model(name).eval()
     with torch.no_grad():
         for p in model.visual.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_heat_maps_for_both_tokens_have_the_right_shapes_and_differ():
+    model = perturbed_model("tiny_multiscan_h2_dualdinotxt")
     x, mask = torch.rand(1, 3, 1, 32, 64, 64), torch.tensor([[True, True, False]])
     directions = torch.randn(3, 64)
     first, share0, z0, _ = relevance_maps(model, x, mask, directions, return_embedding=True)
@@ -209,12 +216,7 @@ def test_heat_maps_for_both_tokens_have_the_right_shapes_and_differ():
 def test_heat_maps_of_a_rope_model_score_its_own_embedding():
     """relevance_maps re-runs the last block alone: it must turn queries and keys there too, or the
     embedding it scores would not be the model's."""
-    torch.manual_seed(0)
-    model = hlip_core.create_model("tiny_rope_multiscan_h2_dinotxt").eval()
-    with torch.no_grad():
-        for p in model.visual.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_model("tiny_rope_multiscan_h2_dinotxt")
     x, mask = torch.rand(1, 3, 1, 32, 64, 64), torch.tensor([[True, True, False]])
     maps, share, z, state = relevance_maps(model, x, mask, torch.randn(3, 64), return_embedding=True)
     assert maps.shape == (3, 2, 32, 64, 64) and share.shape == (3, 2) and state.rope is not None
