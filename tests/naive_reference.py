@@ -6,6 +6,12 @@ of ``reg_token`` if the state dict has one) of each partition in a dict keyed by
 slice (n, s), scan (n,), study (). A partition contains another when its key is a prefix of the
 other's, so "copy on split, average on merge" is spelled out literally. Without
 ``sequential_posemb`` in the state dict no scan-index table is added.
+
+Rotary positions (``rope_base``): every patch token's query and key are multiplied, in every block,
+by its own block-diagonal rotation matrix, written out entry by entry from the facts of the
+released ``ablate_rope`` models (head channels [depth | height | width | rest], each axis part the
+largest even count <= head_dim // 3, pair j of a part of n channels turned by
+pos / base ** (j / (n / 2))); prefix tokens get the identity.
 """
 from __future__ import annotations
 
@@ -13,11 +19,28 @@ import torch
 import torch.nn.functional as F
 
 
-def _block(sd: dict, p: str, x: torch.Tensor, heads: int) -> torch.Tensor:
+def rotation(position: tuple[int, int, int], head_dim: int, base: float) -> torch.Tensor:
+    """The [head_dim, head_dim] rotation of a patch at (depth, row, col), float64."""
+    m = torch.eye(head_dim, dtype=torch.float64)
+    n = 2 * ((head_dim // 3) // 2)
+    for axis, pos in enumerate(position):
+        for j in range(n // 2):
+            theta = torch.tensor(pos / base ** (j / (n / 2)), dtype=torch.float64)
+            a = axis * n + 2 * j
+            m[a, a], m[a, a + 1] = torch.cos(theta), -torch.sin(theta)
+            m[a + 1, a], m[a + 1, a + 1] = torch.sin(theta), torch.cos(theta)
+    return m
+
+
+def _block(sd: dict, p: str, x: torch.Tensor, heads: int, rot: torch.Tensor | None = None) -> torch.Tensor:
+    """rot: [L, head_dim, head_dim] rotation of every token's query and key, or None."""
     L, C = x.shape
     h = F.layer_norm(x, (C,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
     qkv = (h @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(L, 3, heads, C // heads)
     q, k, v = qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1), qkv[:, 2].transpose(0, 1)
+    if rot is not None:
+        q = torch.einsum("lij,hlj->hli", rot, q)
+        k = torch.einsum("lij,hlj->hli", rot, k)
     attn = torch.softmax(q @ k.transpose(1, 2) / (C // heads) ** 0.5, dim=-1)
     out = (attn @ v).transpose(0, 1).reshape(L, C)
     x = x + out @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
@@ -35,10 +58,11 @@ def _keys(level: str, n_scans: int, n_slabs: int) -> list[tuple]:
 
 
 def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: torch.Tensor, prefix: str = "",
-                  head: str = "token") -> torch.Tensor:
+                  head: str = "token", rope_base: float | None = None) -> torch.Tensor:
     """One study [N, 1, D, H, W] (valid scans only, evaluation mode) -> trunk feature: [C] (the
     final cls) for head "token"; [K, 2C], row p = [prefix token p ; mean of every patch token of
-    the study], both after the final LayerNorm, for head "dinotxt"."""
+    the study], both after the final LayerNorm, for head "dinotxt". rope_base: rotary positions
+    with that base in every block, or None."""
     w = sd[prefix + "patch_embed.proj.weight"]
     study = (study - 0.449) / 0.226  # the input standardisation of HLIP's training
     tok = F.conv3d(study, w, sd[prefix + "patch_embed.proj.bias"], stride=patch).permute(0, 2, 3, 4, 1)
@@ -58,6 +82,11 @@ def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: 
     if prefix + "reg_token" in sd:
         start = torch.cat([start, sd[prefix + "reg_token"][0]])
     K = start.shape[0]
+    hd = C // heads
+    # the rotation of every token of a slab (its depth s; row, col from its place in the slab)
+    slab_rot = {} if rope_base is None else {
+        s: torch.stack([rotation((s, t // ww, t % ww), hd, rope_base) for t in range(h * ww)]) for s in range(d)}
+    prefix_rot = torch.eye(hd, dtype=torch.float64).expand(K, hd, hd)
     cls = {key: start for key in _keys(levels[0], N, d)}
     level = levels[0]
     for i, new_level in enumerate(levels):
@@ -73,7 +102,8 @@ def study_feature(sd: dict, levels: list[str], patch: tuple, heads: int, study: 
         for key in cls:
             slabs = members(key)
             seq = torch.cat([cls[key]] + [tokens[k] for k in slabs])
-            out = _block(sd, f"{prefix}blocks.{i}.", seq, heads)
+            rot = None if rope_base is None else torch.cat([prefix_rot] + [slab_rot[k[1]] for k in slabs])
+            out = _block(sd, f"{prefix}blocks.{i}.", seq, heads, rot)
             cls[key] = out[:K]
             for j, k in enumerate(slabs):
                 tokens[k] = out[K + j * h * ww : K + (j + 1) * h * ww]

@@ -228,3 +228,24 @@ def test_pretrain_init_from_a_released_folder_runs_a_training_step(tmp_path):
     assert "visual.trunk.patch_embed.proj.weight" in changed and "text.proj.weight" in changed
     assert torch.allclose(after["visual.trunk.patch_embed.proj.weight"], before["visual.trunk.patch_embed.proj.weight"], atol=0.05)
     _no_vendored_import(folder)
+
+
+def test_a_rope_folder_loads_by_name_and_stray_rotary_tensors_are_named(tmp_path):
+    """The ablate_rope models store no rotary tensor (the angles come from the positions): their
+    folders load with the plain key set, and a state dict that does carry one is refused by name."""
+    folder = tmp_path / "hlip-rope"
+    writer = write_released_folder(folder, "tiny_rope_multiscan_h2_dinotxt")
+    model = hlip_core.load_official_checkpoint(folder)
+    assert model.config["released"]["timm_model_name"] == "tiny_rope_multiscan_h2_dinotxt"
+    assert model.visual.trunk.rope == {"base": 10000.0}
+    _assert_same_embeddings(model, writer)
+    # the same weights without the rotation embed otherwise: the setting is what makes it this model
+    cfg = dict(writer.config, vision=dict(writer.config["vision"], rope=None))
+    unturned = hlip_core.HLIPModel(cfg, tokenizer=writer.tokenizer).eval()
+    unturned.load_state_dict(writer.state_dict())
+    with torch.no_grad():
+        assert (unturned.encode_study_tokens(_study()) - model.encode_study_tokens(_study())).abs().max() > 1e-4
+    _rewrite_safetensors(folder, lambda s: s.update({"visual.trunk.blocks.0.attn.rope.freqs": torch.zeros(4)}))
+    with pytest.raises(CheckpointMismatchError, match=r"Unexpected keys \(1\): visual\.trunk\.blocks\.0\.attn\.rope\.freqs"):
+        hlip_core.load_official_checkpoint(folder)
+    _no_vendored_import(folder)

@@ -17,7 +17,7 @@ from .text import ReportTokenizer, TextTower, sentence_boundary_ids
 
 def build_trunk(vision: dict) -> HierarchicalViT:
     """The image trunk of a configuration's ``vision`` section (keys as in ``registry.get_config``;
-    ``head``, ``num_registers`` and ``scan_posemb`` select the released 2025-10 architectures)."""
+    ``head``, ``num_registers``, ``scan_posemb`` and ``rope`` select the released 2025-10 architectures)."""
     return HierarchicalViT(
         img_size=tuple(vision["img_size"]),
         patch_size=tuple(vision["patch_size"]),
@@ -34,6 +34,7 @@ def build_trunk(vision: dict) -> HierarchicalViT:
         scan_posemb=vision.get("scan_posemb"),
         num_registers=int(vision.get("num_registers", 0)),
         head=vision.get("head", "token"),
+        rope=vision.get("rope"),
     )
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .pos_embed import resample_spatial, scan_index_rows, sincos_1d, spatial_table
+from .pos_embed import check_rope, resample_spatial, rope_angles, rotate_pairs, scan_index_rows, sincos_1d, spatial_table
 
 LEVELS = ("slice", "scan", "study")
 HEADS = ("token", "dinotxt")
@@ -64,11 +64,16 @@ class Attention(nn.Module):
         self.keep_attention: int = 0
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [P, L, C]; key_mask: [P, L] bool (True = attend) or None. Returns [P, L, C]."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: [P, L, C]; key_mask: [P, L] bool (True = attend) or None; rope: (cos, sin), each
+        [P, 1, L, R / 2], the rotary angles of every token (cos 1, sin 0 for prefix tokens), which
+        turn the queries and keys only (``pos_embed.rotate_pairs``), or None. Returns [P, L, C]."""
         P, L, C = x.shape
         qkv = self.qkv(x).reshape(P, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q, k = rotate_pairs(q, *rope).to(v.dtype), rotate_pairs(k, *rope).to(v.dtype)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         if x.device.type == "cpu" and q.dtype == torch.bfloat16:
             # the CPU's bf16 attention kernels are several times slower than its fp32 ones (the
@@ -121,8 +126,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x), key_mask), self.drop_path_rate, self.training)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x), key_mask, rope), self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
@@ -248,6 +254,7 @@ class _Layout:
     scans_per_study: torch.Tensor  # [B] float
     padded: bool  # some slot is padding
     grid: tuple[int, int, int] = (0, 0, 0)  # (d, h, w) patch grid of every scan
+    positions: torch.Tensor | None = None  # [V, S, T] flat patch index of every token in its scan (rotary models)
 
     @property
     def valid(self) -> int:
@@ -262,9 +269,10 @@ class LastBlockInput:
     level: str
     key_mask: torch.Tensor | None
     lay: _Layout
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the last level's rotary (cos, sin)
 
     def detach(self) -> "LastBlockInput":
-        return LastBlockInput(self.seq.detach(), self.level, self.key_mask, self.lay)
+        return LastBlockInput(self.seq.detach(), self.level, self.key_mask, self.lay, self.rope)
 
 
 class HierarchicalViT(nn.Module):
@@ -287,6 +295,10 @@ class HierarchicalViT(nn.Module):
     expect it.
     stem: the patch embedding (``make_patch_embed``): None for HLIP's linear one (released weights
     have it), or ``{"kind": "mlp", "sub_patch": [d, h, w], "channels": n}`` for ``MLPPatchEmbed3D``.
+    rope: None, or ``{"base": b}`` for rotary positions (the released ``ablate_rope`` models): in
+    every block, at every level, the queries and keys of each patch token are turned by its
+    (depth, row, col) patch index in its own scan (``pos_embed.rope_angles``); prefix tokens are
+    not turned, and the spatial table is still added to the tokens as without rope.
     """
 
     def __init__(
@@ -307,6 +319,7 @@ class HierarchicalViT(nn.Module):
         scan_posemb: bool | None = None,
         num_registers: int = 0,
         head: str = "token",
+        rope: dict | None = None,
     ):
         super().__init__()
         if head not in HEADS:
@@ -348,6 +361,8 @@ class HierarchicalViT(nn.Module):
             Block(width, num_heads, mlp_ratio, level, rate) for level, rate in zip(self.levels, rates)
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
+        # rotary positions: settings only, no tensors (the angles are made from the positions)
+        self.rope = check_rope(rope, width // num_heads)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -477,18 +492,44 @@ class HierarchicalViT(nn.Module):
         has_slice = "slice" in self.levels
         slabs = d if has_slice else 1
         tokens = tokens.reshape(V, slabs, -1, C)
+        positions = None
+        if self.rope is not None:
+            positions = torch.arange(d * h * w, device=x.device).reshape(1, slabs, -1).expand(V, -1, -1)
         if self.training and self.patch_dropout > 0:
-            tokens = self._drop_patches(tokens)
-        lay = _Layout(B, N, slabs, tokens.shape[2], scan_mask, study_of_scan, scan_mask.sum(dim=1).float(), padded, (d, h, w))
+            tokens, positions = self._drop_patches(tokens, positions)
+        lay = _Layout(B, N, slabs, tokens.shape[2], scan_mask, study_of_scan, scan_mask.sum(dim=1).float(), padded, (d, h, w),
+                      positions)
         return tokens, lay
 
-    def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _drop_patches(self, tokens: torch.Tensor, positions: torch.Tensor | None = None):
         """Keep the same random subset size in every finest partition (slab or scan). Only patch
-        tokens are dropped: the prefix tokens (cls, registers) join later, in ``_to_sequences``."""
+        tokens are dropped: the prefix tokens (cls, registers) join later, in ``_to_sequences``.
+        Returns the kept tokens and the kept tokens' positions [V, S, keep] (None if none given)."""
         V, S, T, C = tokens.shape
         keep = max(1, int(round(T * (1.0 - self.patch_dropout))))
         idx = torch.rand(V, S, T, device=tokens.device).argsort(dim=-1)[..., :keep]
-        return tokens.gather(2, idx[..., None].expand(-1, -1, -1, C))
+        kept = tokens.gather(2, idx[..., None].expand(-1, -1, -1, C))
+        return kept, None if positions is None else positions.gather(2, idx)
+
+    def _rope_table(self, lay: _Layout, dtype: torch.dtype) -> torch.Tensor | None:
+        """[cos | sin] of the rotary angles of every patch token, [V, S, T, R] (R / 2 angles), in
+        float64 for float64 models and float32 otherwise; None without rotary positions."""
+        if self.rope is None:
+            return None
+        angles = rope_angles(lay.positions, lay.grid, self.blocks[0].attn.head_dim, self.rope["base"])
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return torch.cat([angles.cos(), angles.sin()], dim=-1).to(table_dtype)
+
+    def _rope_for_level(self, table: torch.Tensor | None, level: str, lay: _Layout):
+        """The (cos, sin) [P, 1, K + L, R / 2] of a level's sequences from ``_rope_table``'s table:
+        prefix tokens are not turned (cos 1, sin 0). None without rotary positions."""
+        if table is None:
+            return None
+        half = table.shape[-1] // 2
+        P, K = self._partitions(level, lay), self.num_prefix_tokens
+        still = torch.cat([table.new_ones(P, K, half), table.new_zeros(P, K, half)], dim=-1)
+        seq = self._to_sequences(table, still, level, lay)[:, None]
+        return seq[..., :half], seq[..., half:]
 
     def forward_tokens(self, x: torch.Tensor, scan_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, _Layout]:
         """Run all blocks. Returns (the study's prefix tokens [B, K, C] (K = 1 + num_registers; cls
@@ -504,6 +545,8 @@ class HierarchicalViT(nn.Module):
         cls = prefix.expand(self._partitions(level, lay), -1, -1).to(patches.dtype)
         seq = self._to_sequences(patches, cls, level, lay)
         study_mask = self._study_key_mask(lay)
+        table = self._rope_table(lay, patches.dtype)
+        ropes = {level: self._rope_for_level(table, level, lay)}  # one (cos, sin) per level, made once
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if blk.level != level:
@@ -514,24 +557,26 @@ class HierarchicalViT(nn.Module):
                     cls = self._split_cls(cls, level, blk.level, lay)
                 level = blk.level
                 seq = self._to_sequences(patches, cls, level, lay)
+                if level not in ropes:
+                    ropes[level] = self._rope_for_level(table, level, lay)
             if i == last:
                 break
-            seq = self._run_block(blk, seq, study_mask if level == "study" else None)
-        return LastBlockInput(seq, level, study_mask if level == "study" else None, lay)
+            seq = self._run_block(blk, seq, study_mask if level == "study" else None, ropes[level])
+        return LastBlockInput(seq, level, study_mask if level == "study" else None, lay, ropes[level])
 
     def forward_last(self, state: "LastBlockInput") -> tuple[torch.Tensor, torch.Tensor, _Layout]:
         """The last block and the final norm, from ``forward_until_last``'s output; returns as
         ``forward_tokens``."""
-        seq = self._run_block(self.blocks[-1], state.seq, state.key_mask)
+        seq = self._run_block(self.blocks[-1], state.seq, state.key_mask, state.rope)
         patches, cls = self._from_sequences(seq, state.level, state.lay)
         if state.level != "study":
             cls = self._merge_cls(cls, state.level, "study", state.lay)
         return self.norm(cls), self.norm(patches), state.lay
 
-    def _run_block(self, blk: Block, seq: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _run_block(self, blk: Block, seq: torch.Tensor, mask: torch.Tensor | None, rope=None) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, seq, mask, use_reentrant=False)
-        return blk(seq, mask)
+            return checkpoint(blk, seq, mask, rope, use_reentrant=False)
+        return blk(seq, mask, rope)
 
     def patch_mean(self, patches: torch.Tensor, lay: _Layout) -> torch.Tensor:
         """Mean of all patch tokens [V, S, T, C] of each study's valid scans -> [B, C]."""

@@ -67,7 +67,8 @@ def resample_spatial(table: torch.Tensor, grid: tuple[int, int, int]) -> torch.T
     """Resample a [1, d, h, w, C] table to another patch grid (trilinear), for other scan sizes."""
     if tuple(table.shape[1:4]) == tuple(grid):
         return table
-    out = F.interpolate(table.permute(0, 4, 1, 2, 3).float(), size=tuple(grid), mode="trilinear", align_corners=False)
+    work = torch.promote_types(table.dtype, torch.float32)  # float64 tables stay float64
+    out = F.interpolate(table.permute(0, 4, 1, 2, 3).to(work), size=tuple(grid), mode="trilinear", align_corners=False)
     return out.permute(0, 2, 3, 4, 1).to(table.dtype)
 
 
@@ -91,3 +92,67 @@ def scan_index_rows(table: torch.Tensor, num_scans: int, training: bool, generat
         return table[0, :num_scans]
     out = F.interpolate(table.permute(0, 2, 1).float(), size=num_scans, mode="linear", align_corners=False)
     return out.permute(0, 2, 1)[0].to(table.dtype)
+
+
+# -- rotary position embedding (the ``ablate_rope`` released models) -----------------------------
+#
+# A patch token at (depth, row, col) of its scan's patch grid has its query and key turned, in
+# every block and at every level, by angles that grow with that position. Each attention head's
+# channels are cut into [depth | height | width | rest]: the first three parts have
+# ``rope_axis_dim(head_dim)`` channels each (the largest even number <= head_dim // 3), the rest is
+# left as it is. Inside an axis part of n channels, the pair of channels (2j, 2j + 1) turns by
+# ``position * base ** (-2j / n)``. Prefix tokens (cls, registers) are never turned. The angles are
+# computed from the positions on every forward pass: they are neither parameters nor buffers, so a
+# rotary model's state dict has exactly the keys of the same model without it.
+
+ROPE_OPTIONS = ("base",)
+
+
+def check_rope(rope: dict | None, head_dim: int) -> dict | None:
+    """The rotary settings of a configuration's ``vision.rope`` ({"base": float}, None: no rope),
+    checked against the head width; returns them with defaults filled in."""
+    if rope is None or rope is False:
+        return None
+    if not isinstance(rope, dict):
+        raise ValueError(f"vision.rope must be an object such as {{\"base\": 10000.0}} or null, got {rope!r}")
+    unknown = sorted(set(rope) - set(ROPE_OPTIONS))
+    if unknown:
+        raise ValueError(f"vision.rope takes {list(ROPE_OPTIONS)}; unknown option(s) {unknown}")
+    base = float(rope.get("base", 10000.0))
+    if not base > 1.0:
+        raise ValueError(f"vision.rope.base must be greater than 1, got {base}")
+    if rope_axis_dim(head_dim) < 2:
+        raise ValueError(f"rotary positions need at least 6 channels per attention head, got {head_dim}")
+    return {"base": base}
+
+
+def rope_axis_dim(head_dim: int) -> int:
+    """Channels of one head given to each of the depth, height and width rotations."""
+    return 2 * ((head_dim // 3) // 2)
+
+
+def rope_angles(positions: torch.Tensor, grid: tuple[int, int, int], head_dim: int, base: float) -> torch.Tensor:
+    """Rotation angles of patch tokens from their flat index in the (d, h, w) patch grid of their scan.
+
+    positions: integer tensor of any shape [...] (index = (depth * h + row) * w + col).
+    Returns float64 [..., 3 * rope_axis_dim(head_dim) // 2]: one angle per turned channel pair,
+    depth pairs first, then height, then width.
+    """
+    _, h, w = grid
+    n = rope_axis_dim(head_dim)
+    freqs = base ** (-torch.arange(0, n, 2, dtype=torch.float64, device=positions.device) / n)  # [n / 2]
+    depth = torch.div(positions, h * w, rounding_mode="floor").to(torch.float64)
+    row = torch.div(positions, w, rounding_mode="floor").remainder(h).to(torch.float64)
+    col = positions.remainder(w).to(torch.float64)
+    return torch.cat([depth[..., None] * freqs, row[..., None] * freqs, col[..., None] * freqs], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn channel pairs (2j, 2j + 1) of the first 2 * cos.shape[-1] channels of x [..., L, D] by
+    the angles whose cos/sin are given ([..., L, R / 2], broadcast over x's leading dims); the other
+    channels pass unchanged. Computed in the dtype of cos (float32 or float64)."""
+    r = 2 * cos.shape[-1]
+    head, tail = x[..., :r].to(cos.dtype), x[..., r:]
+    even, odd = head[..., 0::2], head[..., 1::2]
+    turned = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([turned, tail.to(cos.dtype)], dim=-1) if tail.shape[-1] else turned
