@@ -82,3 +82,25 @@ def test_bad_input_is_one_line_without_a_traceback(checkpoint, tmp_path):
     assert "predict: study" in run.stderr and "has no usable scan" in run.stderr and "Traceback" not in run.stderr
     with pytest.raises(ValueError, match="finding 1 is empty"):
         predict_cli.main(["--checkpoint", str(checkpoint), "--study", str(empty), "--findings", "mass", " "])
+
+
+def test_a_released_folder_is_a_checkpoint_prepared_with_its_released_preset(study, tmp_path, capsys):
+    from hlip_core.inference import StudyPredictor
+    from released_factory import TRAP_MARKER, write_released_folder
+
+    folder, _ = study
+    released = tmp_path / "hlip-released"
+    writer = write_released_folder(released, "tiny_multiscan_h2_dualdinotxt")
+    out = tmp_path / "answers"
+    findings = ["intracranial haemorrhage", "mass effect"]
+    assert predict_cli.main(["--checkpoint", str(released), "--study", str(folder), "--findings", *findings, "--out", str(out)]) == 0
+    assert "intracranial haemorrhage" in capsys.readouterr().out
+    rows = json.loads((out / "findings.json").read_text())["findings"]
+    predictor = StudyPredictor.load(released)
+    assert predictor.settings.preset == "released"
+    prepared = predictor.prepare(folder, volume_modality="auto")
+    with torch.no_grad():
+        z = writer.encode_study(prepared.tensor())  # token 0 of the writer's model: the findings embedding
+    expected = predictor.score(z, findings)["probability"][0]
+    np.testing.assert_allclose([r["probability"] for r in rows], expected, atol=1e-5)
+    assert not (released / TRAP_MARKER).exists()

@@ -11,7 +11,7 @@ import torch
 
 import hlip_core
 from hlip_core.inference import StudyPredictor
-from hlip_core.model import CheckpointMismatchError, load
+from hlip_core.model import CheckpointMismatchError, get_config, load
 from released_factory import TRAP_MARKER, write_released_folder
 from test_train_support import pretrain, run_options, write_manifest
 
@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
 import import_checkpoint as import_cli  # noqa: E402
 
 NAME = "tiny_multiscan_h2"
+# the tiny forms of each released architecture: dino.txt head; dual (one register token, loss dual);
+# dino.txt without the scan-index table (ablate_seqposemb)
+RELEASED_TINY = ["tiny_multiscan_h2_dinotxt", "tiny_multiscan_h2_dualdinotxt", "tiny_seqposemb_multiscan_h2_dinotxt"]
 
 
 def _study(seed=0, scans=2):
@@ -42,22 +45,85 @@ def _no_vendored_import(folder: Path):
         assert not path.startswith(str(folder)), f"{module.__name__} was imported from the released folder"
 
 
-def test_a_released_folder_loads_without_a_name_and_embeds_like_its_writer(tmp_path):
+@pytest.mark.parametrize("name", [NAME, *RELEASED_TINY])
+def test_a_released_folder_loads_without_a_name_and_embeds_like_its_writer(tmp_path, name):
     folder = tmp_path / "hlip-released"
-    writer = write_released_folder(folder, NAME)
+    writer = write_released_folder(folder, name)
     model = hlip_core.load_official_checkpoint(folder)
     _assert_same_embeddings(model, writer)
-    assert float(model.logit_scale.detach()) == float(writer.logit_scale.detach()) and model.config["loss"] == "clip"
+    cfg = get_config(name)
+    assert model.config["vision"] == cfg["vision"] and model.config["loss"] == cfg["loss"]
+    assert float(model.logit_scale.detach()) == float(writer.logit_scale.detach()) and model.logit_bias is None
     assert model.config["text"]["context_length"] == 256 and model.tokenizer.context_length == 256
     released = model.config["released"]
-    assert released["timm_model_name"] == NAME and released["source"] == "released-hf-folder"
+    assert released["timm_model_name"] == name and released["source"] == "released-hf-folder"
     assert released["preprocess_cfg"]["mean"] == [0.449]
     assert model.config["preprocess"] == {"preset": "released", "target_shape": [32, 64, 64]}
+    tokens = 1 + int(cfg["vision"].get("num_registers", 0)) if cfg["vision"].get("head") == "dinotxt" else 1
+    with torch.no_grad():
+        assert model.encode_study_tokens(_study()).shape == (1, tokens, 64)
     # hlip_core.load and StudyPredictor.load (the server's and Slicer's path) open the same folder
     again = load(folder)
     _assert_same_embeddings(again, writer)
     assert StudyPredictor.load(folder).settings.target_shape == (32, 64, 64)
     _no_vendored_import(folder)
+
+
+def test_a_dual_folder_keeps_its_report_temperature_and_uses_token_1_for_reports(tmp_path):
+    folder = tmp_path / "dual"
+    writer = write_released_folder(folder, "tiny_multiscan_h2_dualdinotxt", report_temperature=2.5)
+    model = hlip_core.load_official_checkpoint(folder)
+    # logit_bias is the report temperature: not a SigLIP bias, no SigLIP loss
+    assert model.config["loss"] == "dual" and model.logit_bias is None
+    assert float(model.report_logit_scale.detach()) == 2.5
+    torch.testing.assert_close(model.report_scale(), torch.tensor(2.5).exp())
+    assert float(model.logit_scale.detach()) == float(writer.logit_scale.detach()) != 2.5
+    x = _study(seed=3, scans=3)
+    with torch.no_grad():
+        tokens = writer.encode_study_tokens(x)
+        study, reports = model.encode_study(x), model.encode_study_for_reports(x)
+    assert tokens.shape == (1, 2, 64)
+    torch.testing.assert_close(study, tokens[:, 0], rtol=0, atol=1e-6)  # findings / zero-shot: token 0
+    torch.testing.assert_close(reports, tokens[:, 1], rtol=0, atol=1e-6)  # report search: token 1
+    assert (study - reports).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ablate_seqposemb_vit_base_multiscan_h2_dualdinotxt1568",
+                                  "ablate_seqposemb_vit_large_multiscan_h2_dualdinotxt1568",
+                                  "ablate_seqposemb_vit_base_multiscan_h2_dinotxt1568", "vit_base_multiscan_h2_dinotxt1568"])
+def test_a_real_released_name_resolves_to_its_configuration_and_small_weights_are_named(tmp_path, name):
+    # small weights under a real released name: the folder resolves to that configuration (shapes of
+    # the full-size model in the error), and the mismatch is found before a full-size model is built
+    folder = tmp_path / "real-name"
+    write_released_folder(folder, "tiny_multiscan_h2_dualdinotxt")
+    path = folder / "open_clip_config.json"
+    meta = json.loads(path.read_text())
+    meta["model_cfg"]["vision_cfg"]["timm_model_name"] = name
+    meta["model_cfg"]["embed_dim"] = 768
+    path.write_text(json.dumps(meta))
+    cfg = get_config(name)
+    width, patch = cfg["vision"]["width"], tuple(cfg["vision"]["patch_size"])
+    assert patch == (6, 16, 16) and cfg["vision"]["img_size"] == [48, 224, 224] and cfg["vision"]["head"] == "dinotxt"
+    built = []
+    real_init = hlip_core.HLIPModel.__init__
+
+    def spy(self, config, *args, **kwargs):
+        built.append(torch.empty(0).device.type)  # the default device the model is built on
+        real_init(self, config, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hlip_core.HLIPModel, "__init__", spy)
+        with pytest.raises(CheckpointMismatchError) as err:
+            hlip_core.load_official_checkpoint(folder)
+    text = str(err.value)
+    assert f"configuration {name}" in text and "model.safetensors" in text
+    assert f"visual.trunk.patch_embed.proj.weight checkpoint (96, 1, 8, 16, 16) vs model ({width}, 1, {', '.join(map(str, patch))})" in text
+    missing, unexpected = err.value.missing, err.value.unexpected
+    assert ("text.proj.weight", (64, 32), (768, 32)) in [(k, tuple(a), tuple(b)) for k, a, b in err.value.misshaped]
+    assert f"visual.trunk.blocks.{cfg['vision']['depth'] - 1}.attn.qkv.weight" in missing  # 12 or 24 blocks, not 6
+    assert ("visual.trunk.sequential_posemb" in missing) == (cfg["vision"].get("scan_posemb") is not False)
+    assert ("visual.trunk.reg_token" in unexpected) == (cfg["vision"]["num_registers"] == 0)
+    assert built == ["meta"]  # only the shape skeleton was built
 
 
 def test_the_vendored_code_is_never_imported_even_with_the_folder_on_sys_path(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by train/pretrain.py or hlip_core.save")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by train/pretrain.py or hlip_core.save, or a released HLIP Hugging Face folder (open_clip_config.json; prepared with its released preset)")
     p.add_argument("--study", required=True, nargs="+", help="a study folder, or the files of one study")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--findings", nargs="+", help="findings in free text, e.g. 'midline shift'")

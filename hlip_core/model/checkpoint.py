@@ -64,14 +64,22 @@ def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, ignore=()) -> None:
-    """Load ``state`` strictly, raising CheckpointMismatchError with every problem listed."""
-    own = model.state_dict()
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str, ignore=()) -> None:
+    """Raise CheckpointMismatchError listing every key of ``own`` (a model's state dict; tensors may
+    be on the meta device, only names and shapes are read) missing from ``state``, every key of
+    ``state`` the model lacks (except names starting or ending with an ``ignore`` entry) and every
+    shape that differs."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and not any(k.startswith(p) or k.endswith(p) for p in ignore)]
     misshaped = [(k, state[k].shape, own[k].shape) for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(what, missing, unexpected, misshaped)
+
+
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, ignore=()) -> None:
+    """Load ``state`` strictly, raising CheckpointMismatchError with every problem listed."""
+    own = model.state_dict()
+    check_state(own, state, what, ignore)
     model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 

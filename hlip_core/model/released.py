@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointMismatchError, _bert_shape_from_state, load_state_checked
+from .checkpoint import CheckpointMismatchError, _bert_shape_from_state, check_state, load_state_checked
 from .clip import HLIPModel
 from .registry import _base_names, get_config
 from .text import ReportTokenizer
@@ -143,6 +143,12 @@ def load_released_folder(folder: str | os.PathLike, config_name: str | None = No
                           "preprocess_cfg": meta["preprocess_cfg"]}
     # the released inference pipeline (PreprocessSettings(preset="released")), at the model's grid
     config["preprocess"] = {"preset": "released", "target_shape": list(config["vision"]["img_size"])}
+    # names and shapes checked on a meta-device skeleton first: a mismatch (say small weights under a
+    # ViT-L name) is reported before a full-size model is allocated
+    with torch.device("meta"):
+        skeleton = HLIPModel(config, tokenizer=None)
+    check_state(skeleton.state_dict(), state, f"{what} (configuration {name})", ignore=_IGNORED)
+    del skeleton
     model = HLIPModel(config, tokenizer=None)
     model.tokenizer = tokenizer
     load_state_checked(model, state, what, ignore=_IGNORED)
