@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from realdata import real_mri_dicom_dir
+from released_factory import write_released_folder
 from server_helpers import make_checkpoint, monailabel_server, require_ingestion, write_nifti_study
 from slicer_helpers import silent_server, unused_port_url
 
@@ -164,6 +165,37 @@ def test_a_real_study_goes_to_the_server_and_back_onto_its_scans(app, server, sc
         assert heat.GetAttribute(SlicerHLIP.HEATMAP_ATTRIBUTE) == FINDINGS[row]
     # the heat-map node is not offered as a volume to ask
     assert [v.key for v in logic.sceneVolumes()] == [t1.GetID(), coarse.GetID()]
+
+
+@pytest.fixture(scope="module")
+def released_server(tmp_path_factory):
+    """The server with a released Hugging Face folder (a tiny dual dino.txt model) as its checkpoint."""
+    require_ingestion()
+    tmp = tmp_path_factory.mktemp("slicer-released")
+    write_nifti_study(tmp / "studies" / "studyR", n_scans=1, seed=32)
+    folder = tmp / "hlip-released"
+    write_released_folder(folder, "tiny_multiscan_h2_dualdinotxt")
+    conf = {"cache_dir": tmp / "cache", "threads": 1, "rescan_seconds": 1}
+    with monailabel_server(str(tmp / "studies"), folder, tmp / "run", conf) as (base, _):
+        yield base
+
+
+def test_a_real_study_round_trips_with_a_released_folder_as_the_servers_checkpoint(app, released_server, scene, tmp_path):
+    """The same round trip with the weights users download: the table is filled and every heat map
+    lies on its scan's grid (the released preset pads and crops; the map is mapped back)."""
+    import SlicerHLIP
+
+    t1, coarse = load_real_study(app, tmp_path)
+    logic = new_logic(released_server)
+    answer = wait(logic.startQuestion([t1.GetID(), coarse.GetID()], FINDINGS, heatmaps=True))
+    table = logic.showAnswer(answer, probabilityThreshold=0.0)
+    assert [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())] == FINDINGS
+    for row in range(len(FINDINGS)):
+        scan = logic.scanNodeOf(row)
+        heat = logic.showHeatmap(row, opacity=0.5, threshold=0.1)
+        assert_on_grid_of(heat, scan)
+        values = SlicerHLIP.slicer.util.arrayFromVolume(heat)
+        assert np.isfinite(values).all() and values.min() >= 0 and 0 < values.max() <= 1.0001
 
 
 def test_failures_leave_the_scene_as_it_was_and_say_what_happened(app, server, scene, tmp_path):
