@@ -420,3 +420,29 @@ def test_memory_is_bounded_by_the_largest_series_not_by_the_archive(tmp_path):
     assert len(read_manifest(tmp_path / "o2")) == 16
     # keeping one series per extra study would add 14 x 6.5 = 91 MB; the allocator's own slack is ~20 MB
     assert many - few < 50, f"peak memory grew from {few:.0f} MB (2 studies) to {many:.0f} MB (16 studies)"
+
+
+def test_prepare_with_the_released_preset_writes_the_released_settings_and_refuses_what_it_fixes(tmp_path):
+    """Data for a released model: `--preset released` prepares with the released pipeline (recorded
+    in preprocess.json, so evaluate/predict see the data match the model), arrays equal
+    to_model_space with those settings; options the preset fixes are refused by name."""
+    nifti_archive(tmp_path, n=1)
+    out = tmp_path / "out"
+    base = [sys.executable, str(REPO / "train" / "prepare.py"), str(tmp_path / "src"), str(out), "--no-progress",
+            "--preset", "released", "--target-shape", "8", "16", "16"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(base, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    settings = PreprocessSettings.from_dict(read_settings(out))
+    expected = PreprocessSettings.from_dict({"preset": "released", "target_shape": (8, 16, 16)})
+    assert settings == expected and settings.orientation == "RPI" and not settings.antialias
+    record = read_manifest(out)[0]
+    img = sitk.ReadImage(str(tmp_path / "src" / "case000" / "flair.nii.gz"))
+    want = to_storage(to_model_space(img, "MR", expected)[0], "uint8")
+    got = [load_scan(out, s, as_float=False) for s in record["scans"]]
+    assert any(g.shape == want.shape and np.array_equal(g, want) for g in got)
+    refused_out = tmp_path / "refused"
+    refused = subprocess.run(base[:3] + [str(refused_out), "--preset", "released", "--orientation", "RAS", "--storage", "float16"],
+                             cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "--preset released fixes --orientation, --storage" in refused.stderr
+    assert not refused_out.exists()

@@ -19,12 +19,33 @@ from hlip_core.data import IngestOptions, PreprocessSettings, merge_shards, prep
 from hlip_core.data.archive import parse_shard
 
 
+def settings_of(args, defaults: PreprocessSettings) -> PreprocessSettings:
+    """The preprocessing settings the options ask for; with --preset released, an option the released
+    pipeline fixes (orientation, spacing, percentiles, smoothing, storage) is refused by name."""
+    if args.preset == "released":
+        fixed = {"--orientation": args.orientation != defaults.orientation, "--spacing": args.spacing is not None,
+                 "--percentiles": tuple(args.percentiles) != defaults.percentiles, "--no-antialias": args.no_antialias,
+                 "--storage": args.storage != defaults.storage}
+        given = [name for name, changed in fixed.items() if changed]
+        if given:
+            raise ValueError(f"--preset released fixes {', '.join(given)}; leave {'it' if len(given) == 1 else 'them'} out")
+        return PreprocessSettings.from_dict({"preset": "released", "target_shape": tuple(args.target_shape),
+                                             "ct_window": tuple(args.ct_window)})
+    return PreprocessSettings(target_shape=tuple(args.target_shape), orientation=args.orientation,
+                              spacing=tuple(args.spacing) if args.spacing else None, ct_window=tuple(args.ct_window),
+                              percentiles=tuple(args.percentiles), antialias=not args.no_antialias, storage=args.storage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults_p, defaults_o = PreprocessSettings(), IngestOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="folder tree of DICOM files (any layout) and/or NIfTI/NRRD/MHA files (one folder = one study)")
     p.add_argument("out", help="output folder (manifest.jsonl, preprocess.json, skipped.jsonl, arrays/)")
     g = p.add_argument_group("model grid and intensities")
+    g.add_argument("--preset", choices=["hlip_core", "released"], default=defaults_p.preset,
+                   help="'hlip_core': this project's pipeline (the options below); 'released': the released HLIP models' "
+                        "pipeline (RPI, uint8/255, pad to square, resize, centre crop; only --target-shape and --ct-window "
+                        "may change it). Prepare data for a released model with 'released' (default: %(default)s)")
     g.add_argument("--target-shape", type=int, nargs=3, metavar=("D", "H", "W"), default=list(defaults_p.target_shape),
                    help="model grid (default: %(default)s)")
     g.add_argument("--spacing", type=float, nargs=3, metavar=("D", "H", "W"), default=None,
@@ -80,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merged {summary['shards']} shards: {summary['studies']} studies, {summary['scans']} scans -> {args.out}/manifest.jsonl")
         return 0
     try:
-        settings = PreprocessSettings(target_shape=tuple(args.target_shape), orientation=args.orientation,
-                                      spacing=tuple(args.spacing) if args.spacing else None, ct_window=tuple(args.ct_window),
-                                      percentiles=tuple(args.percentiles), antialias=not args.no_antialias, storage=args.storage)
+        settings = settings_of(args, PreprocessSettings())
         shard = parse_shard(args.shard)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
