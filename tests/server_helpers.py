@@ -172,6 +172,14 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None, log
     raise TimeoutError(f"{url} did not answer within {timeout} s:\n{tail}")
 
 
+def wait_until_indexed(service, studies: int, timeout: float) -> None:
+    """Wait until the in-process server's embedding cache holds ``studies`` studies and none is pending."""
+    deadline = time.monotonic() + timeout
+    while service.indexer.counts()["indexed"] < studies or service.indexer.counts()["pending"]:
+        assert time.monotonic() < deadline, f"the embedding cache did not fill: {service.status()}"
+        time.sleep(0.2)
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

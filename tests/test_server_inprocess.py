@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from server_helpers import (APP_DIR, assert_info_not_queued, make_checkpoint, parse_multipart, read_nifti_bytes,
-                            require_ingestion, same_geometry, write_dicom_series, write_nifti_study)
+                            require_ingestion, same_geometry, wait_until_indexed, write_dicom_series, write_nifti_study)
 
 FINDINGS = ["intracranial hemorrhage", "mass effect"]
 MAX_QUEUE = 2
@@ -118,10 +118,7 @@ def server(tmp_path_factory):
             from monailabel.interfaces.utils.app import app_instance
 
             service = app_instance().hlip
-            deadline = time.monotonic() + 60
-            while service.indexer.counts()["indexed"] < 3 or service.indexer.counts()["pending"]:
-                assert time.monotonic() < deadline, f"the embedding cache did not fill: {service.status()}"
-                time.sleep(0.2)
+            wait_until_indexed(service, 3, timeout=60)
             yield {"client": client, "service": service, "studies": studies, "cache": cache, "tmp": tmp, "t1": t1,
                    "checkpoint": checkpoint, "probe": probe}
     finally:

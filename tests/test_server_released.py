@@ -1,14 +1,13 @@
 """The MONAI Label app with a released Hugging Face folder as its checkpoint (``--conf checkpoint FOLDER``),
 in process: findings and text search are answered, studies are prepared with the released preset,
 the index holds the report embedding (token 1 of a dual model) and findings use token 0."""
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from released_factory import TRAP_MARKER, write_released_folder
-from server_helpers import APP_DIR, require_ingestion, write_nifti_study
+from server_helpers import APP_DIR, require_ingestion, wait_until_indexed, write_nifti_study
 
 NAME = "tiny_multiscan_h2_dualdinotxt"
 FINDINGS = ["intracranial haemorrhage", "mass effect"]
@@ -39,10 +38,7 @@ def server(tmp_path_factory):
             from monailabel.interfaces.utils.app import app_instance
 
             service = app_instance().hlip
-            deadline = time.monotonic() + 120
-            while service.indexer.counts()["indexed"] < 2 or service.indexer.counts()["pending"]:
-                assert time.monotonic() < deadline, f"the embedding cache did not fill: {service.status()}"
-                time.sleep(0.2)
+            wait_until_indexed(service, 2, timeout=120)
             yield {"client": client, "service": service, "writer": writer, "folder": folder}
     finally:
         apps.pop(key, None)  # this app instance (its model, its studies) is not reused by later tests
