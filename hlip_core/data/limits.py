@@ -36,7 +36,17 @@ class VolumeTooLarge(ValueError):
 
 
 class VolumeInconsistent(ValueError):
-    """The file contradicts its own header: truncated, corrupt stream or non-finite voxels (422)."""
+    """The file contradicts its own header: truncated, corrupt stream or non-finite voxels (422).
+
+    ``reason``: "truncated" (the data or header do not match what the header announces, a corrupt
+    stream included) or "non_finite" (NaN or infinite voxels): the skip reason ingestion reports."""
+
+    def __init__(self, message: str, reason: str = "truncated"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # the reason survives a trip through a worker process
+        return type(self), (str(self), self.reason)
 
 
 def _figure(n: int) -> str:
@@ -124,7 +134,7 @@ def check_volume_file(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOX
         raise VolumeInconsistent(f"{what} is truncated: its header announces {_figure(expected)} bytes of voxel data "
                                  f"({' x '.join(map(str, shape))} x {dtype.itemsize}), the file holds {_figure(found)}")
     if bad:
-        raise VolumeInconsistent(f"{what} holds {_figure(bad)} non-finite voxels (NaN or infinity)")
+        raise VolumeInconsistent(f"{what} holds {_figure(bad)} non-finite voxels (NaN or infinity)", reason="non_finite")
 
 
 def check_dicom_file(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS, what: str | None = None) -> None:

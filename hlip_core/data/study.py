@@ -195,7 +195,7 @@ def read_volume_file(path: str, options: IngestOptions, root: str | None = None)
         yield skip("too_large", str(exc))
         return
     except VolumeInconsistent as exc:
-        yield skip("non_finite" if "non-finite" in str(exc) else "truncated", str(exc))
+        yield skip(exc.reason, str(exc))
         return
     try:
         reader = sitk.ImageFileReader()
